@@ -1,0 +1,26 @@
+"""Suite-wide settings: CPU DeepSpeed, offline wandb/HF, and the fixture modules of each area.
+
+Each area keeps its fixtures in tests/fixtures/<area>.py (registered below) so that parallel work
+on different areas never edits the same file.
+"""
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from vilbert_ds.ops import extensions_dir  # noqa: E402
+
+extensions_dir()  # a stable TORCH_EXTENSIONS_DIR for every rank the tests start
+
+pytest_plugins = [
+    "fixtures.common",
+    "fixtures.data",
+    "fixtures.s3",
+    "fixtures.training",
+    "fixtures.tasks",
+    "fixtures.slurm",
+]

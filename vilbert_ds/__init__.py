@@ -1,0 +1,37 @@
+"""vilbert-ds: DeepSpeed-scaled training of ViLBERT and 12-in-1 multi-task ViLBERT.
+
+Python API:
+    build_model(config_json_or_preset)       a freshly initialised ViLBert
+    from_original(state_dict_or_path, cfg)   convert an original checkpoint in memory
+    load_model(directory)                    load a vilbert-ds model directory
+    save_model(model, directory)             write config.json + model.safetensors
+"""
+from .model import ViLBert, ViLBertConfig, ViLBertOutput, count_parameters, resolve_config
+from .weights import (
+    CheckpointError,
+    build_model,
+    config_from_hf_bert,
+    from_original,
+    load_hf_bert,
+    load_model,
+    save_model,
+    to_original,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ViLBert",
+    "ViLBertConfig",
+    "ViLBertOutput",
+    "build_model",
+    "config_from_hf_bert",
+    "count_parameters",
+    "from_original",
+    "load_hf_bert",
+    "load_model",
+    "resolve_config",
+    "save_model",
+    "to_original",
+]

@@ -1,0 +1,1 @@
+"""`vilbert-ds` subcommands that are not training entry points."""

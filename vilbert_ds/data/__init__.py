@@ -1,0 +1,1 @@
+"""Shards, streaming loader, masking and collate."""

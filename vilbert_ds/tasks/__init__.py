@@ -1,0 +1,1 @@
+"""Task families, the task registry, task samplers and metrics."""
