@@ -1,0 +1,481 @@
+"""DeepSpeed engine construction: the only module that imports deepspeed for training.
+
+Reusable building blocks (pretraining and multi-task use the same ones):
+
+    ds = load_ds_config("ds_configs/zero2.json", overrides=["train_micro_batch_size_per_gpu=8"])
+    settings = validate_ds_config(ds, source="ds_configs/zero2.json", world_size=env.world_size)
+    groups = param_groups(model, lr=settings.lr, weight_decay=settings.weight_decay,
+                          lr_scale=text_stream_scale(0.1))       # groups by (lr, decay)
+    engine = build_engine(objective, settings, groups)          # FusedAdam / CPUAdam inside
+    sched = WarmupLinearSchedule(engine.optimizer, total_steps=1000, warmup_steps=100)
+    batches = read_batch_sizes(engine)                          # micro, accumulation, global
+
+Batch sizes are read back from the engine (`read_batch_sizes`); nothing divides them by the
+world size by hand. The learning-rate schedule is *not* handed to DeepSpeed: the caller steps
+it (once per optimizer update in pretraining, once per iteration in multi-task training) and
+saves its `state_dict()` in the checkpoint's client_state.
+
+Multi-task use: a DeepSpeed config with `gradient_accumulation_steps: 1`; per task
+`loss * task_scale -> engine.backward(loss) -> engine.step()`, then `sched.step()` once per
+iteration. Heads a task does not use get no gradient; ZeRO treats their gradient as zero.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class DeepSpeedConfigError(ValueError):
+    """A DeepSpeed config that vilbert-ds refuses; the message names the file and the key."""
+
+
+# Top-level keys DeepSpeed 0.16-0.19 reads. Anything else is a typo that DeepSpeed would ignore
+# silently (e.g. "zero_optimisation"), so it is refused. Keys starting with "_" are comments.
+KNOWN_DS_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "optimizer", "scheduler", "fp16", "bf16", "amp", "torch_autocast", "zero_optimization",
+    "gradient_clipping", "activation_checkpointing", "steps_per_print", "wall_clock_breakdown",
+    "prescale_gradients", "gradient_predivide_factor", "communication_data_type", "data_types",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "flops_profiler", "checkpoint",
+    "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "dump_state", "memory_breakdown",
+    "sparse_gradients", "aio", "elasticity", "data_efficiency", "curriculum_learning", "autotuning",
+    "compile", "timers", "seed", "disable_allgather", "graph_harvesting", "use_node_local_storage",
+    "load_universal_checkpoint", "seq_parallel_communication_data_type", "nebula",
+}
+ADAM_TYPES = ("adam", "adamw")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """A validated DeepSpeed config plus the facts vilbert-ds reads from it."""
+
+    config: dict[str, Any]
+    source: str
+    zero_stage: int
+    precision: str  # fp32 | bf16 | fp16
+    offload_optimizer: str  # none | cpu | nvme
+    offload_param: str
+    activation_checkpointing: bool
+    gradient_clipping: float
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+
+# ============================================================================ config I/O
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_ds_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Read a DeepSpeed JSON and apply `dotted.key=value` overrides (values parsed as JSON,
+    e.g. `zero_optimization.stage=3`, `bf16.enabled=true`)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist (see ds_configs/ for the shipped ones)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DeepSpeedConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise DeepSpeedConfigError(f"{path}: a DeepSpeed config must be a JSON object")
+    for item in overrides:
+        if "=" not in item:
+            raise DeepSpeedConfigError(f"DeepSpeed override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DeepSpeedConfigError(f"DeepSpeed override {item!r}: {part} is not a section in {path}")
+        node[parts[-1]] = _parse_value(value)
+    return config
+
+
+def validate_ds_config(
+    config: dict[str, Any],
+    *,
+    source: str,
+    world_size: int,
+    accelerator: str | None = None,
+) -> DeepSpeedSettings:
+    """Refuse a wrong or inconsistent DeepSpeed config before any work starts.
+
+    Every message names `source` and the key at fault. Checks: unknown top-level keys; batch
+    arithmetic against `world_size`; ZeRO stage and offload combinations; one precision only and
+    one the accelerator has; an explicit `gradient_clipping`; an Adam/AdamW optimizer section (its
+    lr/betas/eps/weight_decay are the optimiser hyper-parameters); no `scheduler` section (the
+    warmup-linear schedule is stepped by vilbert-ds and saved in the checkpoint).
+    """
+    errors: list[str] = []
+
+    def err(key: str, why: str) -> None:
+        errors.append(f"{key}: {why}")
+
+    for key in config:
+        if key not in KNOWN_DS_KEYS and not key.startswith("_"):
+            err(key, "not a DeepSpeed config key (typo? DeepSpeed would ignore it silently)")
+
+    # ---- batch sizes (DeepSpeed derives the missing one; we check what it would refuse later)
+    tb = config.get("train_batch_size")
+    mb = config.get("train_micro_batch_size_per_gpu")
+    gas = config.get("gradient_accumulation_steps")
+    for key, value in (("train_batch_size", tb), ("train_micro_batch_size_per_gpu", mb),
+                       ("gradient_accumulation_steps", gas)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            err(key, f"{value!r} must be a positive integer")
+    ints = all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1) for v in (tb, mb, gas))
+    if ints:
+        if tb is None and mb is None:
+            err("train_micro_batch_size_per_gpu", "set it (or train_batch_size): no batch size is given")
+        elif tb is not None and mb is not None and gas is not None and tb != mb * gas * world_size:
+            err("train_batch_size", f"{tb} != train_micro_batch_size_per_gpu {mb} x gradient_accumulation_steps "
+                f"{gas} x world size {world_size} = {mb * gas * world_size}")
+        elif tb is not None and mb is not None and gas is None and tb % (mb * world_size):
+            err("train_batch_size", f"{tb} is not a multiple of train_micro_batch_size_per_gpu {mb} x world size "
+                f"{world_size}; no whole gradient_accumulation_steps gives it")
+        elif tb is not None and gas is not None and mb is None and tb % (gas * world_size):
+            err("train_batch_size", f"{tb} is not a multiple of gradient_accumulation_steps {gas} x world size "
+                f"{world_size}")
+        elif tb is not None and mb is None and gas is None and tb % world_size:
+            err("train_batch_size", f"{tb} is not a multiple of the world size {world_size}")
+
+    # ---- precision
+    fp16 = bool(config.get("fp16", {}).get("enabled", False))
+    bf16 = bool(config.get("bf16", {}).get("enabled", False))
+    if config.get("amp", {}).get("enabled", False):
+        err("amp.enabled", "apex AMP is not supported; use bf16 or fp16")
+    if fp16 and bf16:
+        err("fp16.enabled", "fp16 and bf16 are both enabled; choose one")
+    precision = "bf16" if bf16 else "fp16" if fp16 else "fp32"
+    accelerator = accelerator or _accelerator_name()
+    if fp16 and accelerator == "cpu" and not _cpu_fp16_supported():
+        err("fp16.enabled", "this CPU has no fp16 support in DeepSpeed's CPU accelerator; use bf16 or fp32 here")
+    if fp16 and config.get("fp16", {}).get("loss_scale", 0) not in (0, 0.0):
+        log.info("%s: fp16.loss_scale is static (%s); 0 selects the dynamic loss scale", source,
+                 config["fp16"]["loss_scale"])
+
+    # ---- ZeRO and offload
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        err("zero_optimization", "must be an object")
+        zero = {}
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        err("zero_optimization.stage", f"{stage!r}: choose 0, 1, 2 or 3")
+        stage = 0
+    off_opt = (zero.get("offload_optimizer") or {}).get("device", "none")
+    off_par = (zero.get("offload_param") or {}).get("device", "none")
+    if off_opt not in OFFLOAD_DEVICES:
+        err("zero_optimization.offload_optimizer.device", f"{off_opt!r}: choose one of {OFFLOAD_DEVICES}")
+    if off_par not in OFFLOAD_DEVICES:
+        err("zero_optimization.offload_param.device", f"{off_par!r}: choose one of {OFFLOAD_DEVICES}")
+    if off_opt != "none" and stage == 0:
+        err("zero_optimization.offload_optimizer", "optimizer offload needs ZeRO stage 1, 2 or 3")
+    if off_par != "none" and stage != 3:
+        err("zero_optimization.offload_param", f"parameter offload needs ZeRO stage 3 (stage is {stage})")
+    if off_par != "none" and off_opt == "none":
+        err("zero_optimization.offload_optimizer",
+            "offloading parameters without the optimizer leaves optimizer state on the device; offload both")
+
+    # ---- clipping: explicit, so nobody trains unclipped by accident (the original did not clip)
+    if "gradient_clipping" not in config:
+        err("gradient_clipping", "required: set the max global grad norm (1.0), or 0.0 to train unclipped")
+        clip = 0.0
+    else:
+        clip = config["gradient_clipping"]
+        if not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip < 0:
+            err("gradient_clipping", f"{clip!r} must be a number >= 0")
+            clip = 0.0
+
+    # ---- optimizer: DeepSpeed builds FusedAdam (or CPUAdam under offload) from this section
+    opt = config.get("optimizer")
+    lr, betas, eps, wd = 0.0, (0.9, 0.999), 1e-8, 0.0
+    if not isinstance(opt, dict):
+        err("optimizer", 'required: {"type": "AdamW", "params": {"lr", "betas", "eps", "weight_decay"}}')
+    else:
+        otype = str(opt.get("type", "")).lower()
+        if otype not in ADAM_TYPES:
+            err("optimizer.type", f"{opt.get('type')!r}: vilbert-ds trains with Adam/AdamW (DeepSpeed FusedAdam)")
+        params = opt.get("params", {})
+        for key in ("lr", "betas", "eps", "weight_decay"):
+            if key not in params:
+                err(f"optimizer.params.{key}", "required (explicit optimiser hyper-parameters)")
+        lr = params.get("lr", lr)
+        if not isinstance(lr, (int, float)) or lr <= 0:
+            err("optimizer.params.lr", f"{lr!r} must be > 0")
+            lr = 0.0
+        betas = tuple(params.get("betas", betas))
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            err("optimizer.params.betas", f"{list(betas)} must be two numbers in [0, 1)")
+            betas = (0.9, 0.999)
+        eps = params.get("eps", eps)
+        wd = params.get("weight_decay", wd)
+        if otype == "adam" and params.get("adam_w_mode", True) is False and wd:
+            log.info("%s: optimizer Adam with adam_w_mode=false applies L2, not decoupled weight decay", source)
+    if "scheduler" in config:
+        err("scheduler", "remove it: vilbert-ds steps its warmup-linear schedule itself (training config "
+            "optim.warmup_fraction) and saves it in the checkpoint")
+
+    act = "activation_checkpointing" in config
+    if errors:
+        raise DeepSpeedConfigError(f"DeepSpeed config {source} refused:\n  " + "\n  ".join(errors))
+    return DeepSpeedSettings(
+        config=config, source=source, zero_stage=int(stage), precision=precision, offload_optimizer=off_opt,
+        offload_param=off_par, activation_checkpointing=act, gradient_clipping=float(clip), lr=float(lr),
+        betas=(float(betas[0]), float(betas[1])), eps=float(eps), weight_decay=float(wd),
+    )
+
+
+def _accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def _cpu_fp16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# ========================================================================= param groups
+def no_weight_decay(name: str) -> bool:
+    """The original's rule: no decay for biases and LayerNorm parameters."""
+    return "bias" in name or "LayerNorm" in name or "layer_norm" in name
+
+
+def is_text_stream(name: str) -> bool:
+    """The BERT weights the original meant to train at 0.1x lr (`bert-base-uncased_weight_name.json`:
+    the text embeddings and the text layers; not the MLM head, not the task-token table)."""
+    return (name.startswith("bert.embeddings.") and "task_embeddings" not in name) or name.startswith(
+        "bert.encoder.layer."
+    )
+
+
+def text_stream_scale(scale: float) -> Callable[[str], float]:
+    """lr multiplier by parameter name: `scale` for the text stream, 1 elsewhere."""
+    return lambda name: scale if is_text_stream(name) else 1.0
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    lr_scale: Callable[[str], float] = lambda name: 1.0,
+) -> list[dict[str, Any]]:
+    """Trainable parameters grouped by (lr, decay): a handful of groups, not one per tensor.
+
+    Frozen parameters (`requires_grad=False`: `q_dense*`, `fixed_*_layer` layers) are left out,
+    so they get no optimizer state. Each group has `params`, `lr`, `weight_decay` and a `name`
+    such as `lr1e-05_decay` (kept by the optimizer for logging).
+    """
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():  # named_parameters yields a tied tensor once
+        if not p.requires_grad:
+            continue
+        key = (lr * lr_scale(name), not no_weight_decay(name))
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (group_lr, decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
+        out.append({
+            "params": params,
+            "lr": group_lr,
+            "weight_decay": weight_decay if decay else 0.0,
+            "name": f"lr{group_lr:.3g}_{'decay' if decay else 'no_decay'}",
+        })
+    return out
+
+
+# ============================================================================= schedule
+class WarmupLinearSchedule:
+    """Linear warmup over `warmup_steps` updates, then linear decay to 0 at `total_steps`.
+
+    Update number u (1-based) trains at base_lr * factor(u), factor(u) = u / warmup for u <
+    warmup, else max(0, (total - u) / (total - warmup)) (pytorch_transformers'
+    WarmupLinearSchedule, which the original steps before each optimizer step). Works on any
+    object with `param_groups` (DeepSpeed's ZeRO/bf16 wrappers are not torch Optimizers).
+    Call `step()` before the update it applies to.
+    """
+
+    def __init__(self, optimizer, total_steps: int, warmup_steps: int):
+        if total_steps < 1:
+            raise ValueError(f"total_steps={total_steps}: must be >= 1")
+        if not 0 <= warmup_steps <= total_steps:
+            raise ValueError(f"warmup_steps={warmup_steps}: must be within [0, total_steps={total_steps}]")
+        self.optimizer = optimizer
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        self.last_step = 0
+        self._apply()
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / max(1, self.warmup_steps)
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
+
+    def _apply(self) -> None:
+        f = self.factor(self.last_step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * f
+
+    def step(self) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["total_steps"] != self.total_steps or state["warmup_steps"] != self.warmup_steps:
+            log.warning("schedule changed on resume: total %s -> %s, warmup %s -> %s (continuing with the new one)",
+                        state["total_steps"], self.total_steps, state["warmup_steps"], self.warmup_steps)
+        self.last_step = int(state["last_step"])
+        self._apply()
+
+
+def warmup_steps_for(total_steps: int, warmup_fraction: float) -> int:
+    return int(math.floor(total_steps * warmup_fraction))
+
+
+# =============================================================================== engine
+@dataclass(frozen=True)
+class BatchSizes:
+    micro: int  # samples per rank per forward
+    accumulation: int  # micro-batches per optimizer update
+    global_: int  # samples per optimizer update, all ranks
+
+    def as_dict(self) -> dict[str, int]:
+        return {"micro": self.micro, "accumulation": self.accumulation, "global": self.global_}
+
+
+def read_batch_sizes(engine) -> BatchSizes:
+    """What DeepSpeed derived from the config and the world size (the only source of truth)."""
+    return BatchSizes(engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
+                      engine.train_batch_size())
+
+
+def enable_activation_checkpointing(model: nn.Module, settings: DeepSpeedSettings) -> None:
+    """Checkpoint every encoder layer with DeepSpeed's activation checkpointing (configured by the
+    `activation_checkpointing` section: partitioning, CPU checkpointing, ...)."""
+    import deepspeed
+
+    encoder = model.bert.encoder
+    deepspeed.checkpointing.configure(None, deepspeed_config=settings.config)
+    encoder.gradient_checkpointing = True
+    encoder.checkpoint_fn = deepspeed.checkpointing.checkpoint
+
+
+def build_engine(
+    module: nn.Module,
+    settings: DeepSpeedSettings,
+    groups: list[dict[str, Any]],
+    *,
+    load_universal: bool = False,
+):
+    """`deepspeed.initialize` with the client parameter groups. DeepSpeed builds the optimizer
+    from the config's `optimizer` section: FusedAdam (fused multi-tensor kernel on GPU, the
+    vectorised C++ kernel on CPU), or DeepSpeedCPUAdam when the optimizer is offloaded. Ops come
+    from the per-machine build cache (`vilbert_ds.ops`)."""
+    import deepspeed
+
+    from .ops import ensure_ops
+
+    ensure_ops()
+    config = copy.deepcopy(settings.config)
+    config["optimizer"]["params"].setdefault("torch_adam", False)
+    if load_universal:
+        config.setdefault("checkpoint", {})["load_universal"] = True
+    config.setdefault("steps_per_print", 10**9)  # vilbert-ds logs; DeepSpeed's own prints are noise
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=config)
+    return engine
+
+
+def engine_float_dtype(engine) -> torch.dtype:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+# ================================================================ checkpoint conversions
+def convert_to_universal(checkpoint_dir: str | os.PathLike, tag: str, output_tag: str | None = None) -> str:
+    """Convert `checkpoint_dir/tag` (ZeRO 1/2/3) into a DeepSpeed universal checkpoint
+    `checkpoint_dir/<tag>_universal` that loads on any number of ranks. vilbert-ds does not
+    record DeepSpeed's UNIVERSAL_CHECKPOINT_INFO (a Megatron convention), hence
+    `inject_missing_state`. Run on one process."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    output_tag = output_tag or f"{tag}_universal"
+    src = Path(checkpoint_dir) / tag
+    dst = Path(checkpoint_dir) / output_tag
+    tmp = Path(checkpoint_dir) / f".{output_tag}.partial"
+    if dst.exists():
+        return output_tag
+    args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    ds_to_universal.main(args)
+    os.replace(tmp, dst)
+    return output_tag
+
+
+def consolidated_fp32_state(checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 module state of a checkpoint, from the ZeRO partitions (fp32 master
+    weights) when there are any, else from the module file."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = Path(checkpoint_dir) / tag
+    if any(path.glob("*optim_states.pt")) and not (path / "zero").is_dir():
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+            return {k: v.float() for k, v in state.items()}
+        except ValueError as e:  # ZeRO-0 saves optimizer state too, but not partitioned
+            log.info("%s: not a ZeRO-partitioned checkpoint (%s); reading the module file", path, e)
+    files = sorted(path.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
+    # DeepSpeed's own files hold argparse/optimizer objects; weights_only=False would run code, so
+    # read them with weights_only=True plus DeepSpeed's registered safe globals.
+    state = _load_ds_file(files[0])["module"]
+    dtypes = {v.dtype for v in state.values() if torch.is_tensor(v)}
+    if dtypes - {torch.float32}:
+        log.warning("%s: module weights are %s; the fp32 export is upcast from them", files[0], sorted(map(str, dtypes)))
+    return {k: v.float() for k, v in state.items() if torch.is_tensor(v)}
+
+
+def _load_ds_file(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report which file could not be read safely
+        raise RuntimeError(f"{path}: cannot be read with weights_only=True ({e})") from e
