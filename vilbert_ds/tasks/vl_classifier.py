@@ -1,0 +1,234 @@
+"""VL-classifier: answer classification with soft scores (VQA v2, GQA, Visual Genome QA).
+
+Head `vil_prediction` (3129 answers; VQA, GenomeQA) or `vil_prediction_gqa` (1533; GQA) on the
+fused pooled vector. Loss: BCEWithLogits(mean) x number of labels against soft-score targets
+(the original). Metric: the soft score of the argmax answer, which for VQA equals the official
+VQA accuracy (min(1, matching humans / 3) averaged over annotator subsets).
+
+Public formats read (file names as published):
+- `vqa`: `v2_OpenEnded_mscoco_{train,val}2014_questions.json` + `v2_mscoco_{train,val}2014_annotations.json`
+  (10 human answers per question), `v2_OpenEnded_mscoco_{test,test-dev}2015_questions.json`.
+  Splits train, val, trainval (train + val minus its last `holdout` questions by id), minval
+  (those), test, testdev.
+- `gqa`: `{train,val,testdev,test}_balanced_questions.json` ({question id: {imageId, question,
+  answer}}). Splits as VQA, trainval/minval from train + val.
+- `genome`: Visual Genome `question_answers.json` ([{id, qas: [{qa_id, image_id, question,
+  answer}]}]). Splits train (all but the last `holdout` questions by id) and val.
+
+The answer vocabulary (`assets.json` "answers", label index = position) holds the normalised
+answers seen at least `min_answer_count` times in the training split, most frequent first,
+at most `num_labels`. Prediction files: VQA `[{"question_id", "answer"}]`, GQA
+`[{"questionId", "prediction"}]`, Visual Genome `[{"question_id", "answer"}]`.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .base import TaskBatch, TaskExample, TaskFamily, collate_rows, join_path, read_json, records_from_scores
+from .metrics import argmax_soft_score, normalize_vqa_answer, soft_scores
+
+
+@dataclass
+class ClassifierBatch(TaskBatch):
+    target: torch.Tensor | None = None  # [B, num_labels] float32 soft scores (0 where unlabeled)
+    labeled: torch.Tensor | None = None  # [B] bool: the example has answers (False on test splits)
+
+
+def _qid_order(qid: Any) -> tuple[int, Any]:
+    s = str(qid)
+    return (0, int(s)) if s.isdigit() else (1, s)
+
+
+class VLClassifierFamily(TaskFamily):
+    family = "vl_classifier"
+    formats = ("vqa", "gqa", "genome")
+    batch_type = ClassifierBatch
+
+    @dataclass
+    class Options:
+        holdout: int = 3000  # questions (by id) held out of the training split as the val split
+        min_answer_count: int = 9  # answers rarer than this in the training split are not labels
+
+        def __post_init__(self) -> None:
+            if self.holdout < 0 or self.min_answer_count < 1:
+                raise ValueError(f"holdout={self.holdout} must be >= 0 and min_answer_count={self.min_answer_count} >= 1")
+
+    @property
+    def heads(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.config.head,)
+
+    def __init__(self, config, tokenizer=None):
+        super().__init__(config, tokenizer)
+        if config.head not in ("vil_prediction", "vil_prediction_gqa"):
+            raise ValueError(f"task {config.name!r}: a VL-classifier uses vil_prediction or vil_prediction_gqa, not {config.head}")
+
+    # ------------------------------------------------------------------ annotations
+    def read_annotations(self, split: str) -> list[TaskExample]:
+        reader = {"vqa": self._read_vqa, "gqa": self._read_gqa, "genome": self._read_genome}[self.config.format]
+        return reader(split)
+
+    def _holdout_split(self, items: list[Any], split: str, train_name: str, val_name: str) -> list[Any]:
+        items = sorted(items, key=lambda e: _qid_order(e.example_id))
+        n = self.options.holdout
+        if n >= len(items) and split == train_name:
+            raise ValueError(
+                f"task {self.name!r}: holdout={n} leaves no training questions out of {len(items)}; lower options.holdout"
+            )
+        return items[: len(items) - n] if split == train_name else items[len(items) - n:]
+
+    def _read_vqa(self, split: str) -> list[TaskExample]:
+        root = self.config.annotations
+        if split in ("test", "testdev"):
+            name = "test" if split == "test" else "test-dev"
+            return self._vqa_questions(join_path(root, f"v2_OpenEnded_mscoco_{name}2015_questions.json"), None)
+        if split in ("train", "val"):
+            return self._vqa_pair(split)
+        if split == "trainval":
+            return self._vqa_pair("train") + self._holdout_split(self._vqa_pair("val"), split, "trainval", "minval")
+        if split == "minval":
+            return self._holdout_split(self._vqa_pair("val"), split, "trainval", "minval")
+        raise ValueError(f"task {self.name!r}: VQA split {split!r} unknown (train, val, trainval, minval, test, testdev)")
+
+    def _vqa_pair(self, part: str) -> list[TaskExample]:
+        root = self.config.annotations
+        ann_path = join_path(root, f"v2_mscoco_{part}2014_annotations.json")
+        annotations = {int(a["question_id"]): a for a in read_json(ann_path)["annotations"]}
+        return self._vqa_questions(join_path(root, f"v2_OpenEnded_mscoco_{part}2014_questions.json"), annotations,
+                                   ann_path)
+
+    def _vqa_questions(self, path: str, annotations: dict[int, Any] | None, ann_path: str = "") -> list[TaskExample]:
+        out = []
+        for q in read_json(path)["questions"]:
+            qid = int(q["question_id"])
+            payload: dict[str, Any] = {"question_id": qid, "question": q["question"]}
+            if annotations is not None:
+                if qid not in annotations:
+                    raise ValueError(f"{ann_path}: no annotation for question {qid} of {path}")
+                a = annotations[qid]
+                if int(a["image_id"]) != int(q["image_id"]):
+                    raise ValueError(f"{ann_path}: question {qid} has image {a['image_id']} but {path} says {q['image_id']}")
+                payload["answers"] = [x["answer"] for x in a["answers"]]
+                payload["answer"] = a.get("multiple_choice_answer", "")
+            out.append(TaskExample(str(qid), {"": str(q["image_id"])}, payload))
+        return out
+
+    def _read_gqa(self, split: str) -> list[TaskExample]:
+        root = self.config.annotations
+
+        def load(part: str) -> list[TaskExample]:
+            path = join_path(root, f"{part}_balanced_questions.json")
+            out = []
+            for qid, q in read_json(path).items():
+                payload = {"question_id": str(qid), "question": q["question"]}
+                if "answer" in q:
+                    payload["answers"] = [q["answer"]]
+                    payload["answer"] = q["answer"]
+                out.append(TaskExample(str(qid), {"": str(q["imageId"])}, payload))
+            return out
+
+        if split in ("train", "val", "testdev", "test"):
+            return load(split)
+        if split in ("trainval", "minval"):
+            return self._holdout_split(load("train") + load("val"), split, "trainval", "minval")
+        raise ValueError(f"task {self.name!r}: GQA split {split!r} unknown (train, val, trainval, minval, testdev, test)")
+
+    def _read_genome(self, split: str) -> list[TaskExample]:
+        if split not in ("train", "val"):
+            raise ValueError(f"task {self.name!r}: Visual Genome QA split {split!r} unknown (train, val)")
+        path = join_path(self.config.annotations, "question_answers.json")
+        out = []
+        for image in read_json(path):
+            for qa in image["qas"]:
+                qid = int(qa["qa_id"])
+                payload = {"question_id": qid, "question": qa["question"], "answers": [qa["answer"]],
+                           "answer": qa["answer"]}
+                out.append(TaskExample(str(qid), {"": str(qa.get("image_id", image["id"]))}, payload))
+        return self._holdout_split(out, split, "train", "val")
+
+    # ------------------------------------------------------------------ vocabulary and targets
+    def build_assets(self, train_examples: Sequence[TaskExample]) -> dict[str, Any]:
+        """The answer vocabulary from the training split: normalised answers with at least
+        `min_answer_count` occurrences (VQA counts each question's consensus answer)."""
+        counts: Counter[str] = Counter()
+        for ex in train_examples:
+            if "answer" in ex.payload:
+                counts[normalize_vqa_answer(ex.payload["answer"])] += 1
+        answers = sorted((a for a, c in counts.items() if c >= self.options.min_answer_count and a),
+                         key=lambda a: (-counts[a], a))
+        if not answers:
+            raise ValueError(
+                f"task {self.name!r}: no answer occurs >= {self.options.min_answer_count} times in the training split"
+            )
+        return {"answers": answers[: self.config.num_labels], "dropped_answers": max(0, len(answers) - self.config.num_labels)}
+
+    def finalize_examples(self, examples: list[TaskExample], split: str) -> list[TaskExample]:
+        """Soft-score targets over the vocabulary: `labels`/`scores` in the task JSON (answers
+        outside the vocabulary give no target, as in the original)."""
+        index = {a: i for i, a in enumerate(self.assets["answers"])}
+        for ex in examples:
+            if "answers" not in ex.payload:
+                continue
+            scores = soft_scores(ex.payload["answers"])
+            picked = [(index[a], s) for a, s in scores.items() if a in index]
+            ex.payload["labels"] = [i for i, _ in picked]
+            ex.payload["scores"] = [round(s, 4) for _, s in picked]
+        return examples
+
+    # ------------------------------------------------------------------ workers
+    def preprocess(self, sample: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        task = self.task_record(sample)
+        return {
+            "key": sample["__key__"],
+            "texts": [self.encode(task["question"])],
+            "images": [self.image(sample)],
+            "labels": np.asarray(task.get("labels", []), dtype=np.int64),
+            "scores": np.asarray(task.get("scores", []), dtype=np.float32),
+            "labeled": "answers" in task,
+        }
+
+    def collate(self, examples: Sequence[Mapping[str, Any]]) -> ClassifierBatch:
+        fields = collate_rows(examples, self.config.id)
+        target = torch.zeros(len(examples), self.config.num_labels, dtype=torch.float32)
+        for i, ex in enumerate(examples):
+            if len(ex["labels"]):
+                target[i, torch.from_numpy(ex["labels"])] = torch.from_numpy(ex["scores"])
+        labeled = torch.tensor([bool(ex["labeled"]) for ex in examples])
+        return ClassifierBatch(**fields, target=target, labeled=labeled, task=self.name)
+
+    # ------------------------------------------------------------------ step
+    def logits(self, output) -> torch.Tensor:
+        logits = getattr(output, self.config.head)
+        if logits.size(-1) != self.config.num_labels:
+            raise ValueError(
+                f"task {self.name!r}: head {self.config.head} has {logits.size(-1)} outputs but tasks.yaml "
+                f"num_labels={self.config.num_labels}"
+            )
+        return logits
+
+    def loss(self, output, batch: ClassifierBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.logits(output)
+        loss = self.bce_loss(logits, batch.target, scale_by_labels=True)
+        with torch.no_grad():
+            score = argmax_soft_score(self._vocab_logits(logits), batch.target).mean()
+        return loss, {"score": score}
+
+    def _vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Predictions are answers of the vocabulary only (a smaller vocabulary than the head)."""
+        return logits[:, : len(self.assets["answers"])]
+
+    def score(self, output, batch: ClassifierBatch) -> dict[str, dict[str, Any]]:
+        logits = self._vocab_logits(self.logits(output).float())
+        answers = self.assets["answers"]
+        picked = logits.argmax(dim=-1).tolist()
+        scores = argmax_soft_score(logits, batch.target)
+        return records_from_scores(batch.keys, scores, [answers[i] for i in picked], batch.labeled)
+
+    def prediction_entry(self, example_id: str, record: Mapping[str, Any]) -> dict[str, Any]:
+        if self.config.format == "gqa":
+            return {"questionId": example_id, "prediction": record["prediction"]}
+        return {"question_id": int(example_id), "answer": record["prediction"]}
