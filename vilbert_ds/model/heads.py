@@ -82,6 +82,12 @@ def fuse(pooled_t: torch.Tensor, pooled_v: torch.Tensor, method: str) -> torch.T
     return pooled_t * pooled_v if method == "mul" else pooled_t + pooled_v
 
 
+def loss_precision(x: torch.Tensor) -> torch.Tensor:
+    """Losses are computed in at least float32: fp16/bf16 are upcast, float64 stays float64
+    (a float64 model must reproduce the original's float64 losses to 1e-10)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def masked_region_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Summed KL(target || softmax(logits)) over rows: logits/target [N, T] -> scalar."""
-    return F.kl_div(F.log_softmax(logits.float(), dim=-1), target.float(), reduction="sum")
+    return F.kl_div(F.log_softmax(loss_precision(logits), dim=-1), loss_precision(target), reduction="sum")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ViLBertConfig
-from .heads import PreTrainingHeads, SimpleClassifier, fuse, masked_region_kl
+from .heads import PreTrainingHeads, SimpleClassifier, fuse, loss_precision, masked_region_kl
 from .vilbert import MASK_VALUE, ViLBertModel
 
 PRETRAIN_HEADS = ("text_prediction", "vision_prediction", "seq_relationship")
@@ -211,7 +211,7 @@ class ViLBert(nn.Module):
             text = _drop_task_token(out.sequence_output_t, has_task_token)
             picked = lm_labels != -1
             logits = self.cls.predictions(text[picked])  # [N, vocab]
-            ce = F.cross_entropy(logits.float(), lm_labels[picked], reduction="sum")
+            ce = F.cross_entropy(loss_precision(logits), lm_labels[picked], reduction="sum")
             out.masked_lm_loss = ce / picked.sum().clamp(min=1)
             losses.append(out.masked_lm_loss)
         if image_label is not None:
@@ -230,14 +230,14 @@ class ViLBert(nn.Module):
                         f"visual_target 1 regresses features: v_target_size={pred.size(-1)} must equal the "
                         f"target width {target.size(-1)}"
                     )
-                mse = F.mse_loss(pred.float(), target.float(), reduction="sum")
+                mse = F.mse_loss(loss_precision(pred), loss_precision(target), reduction="sum")
                 out.masked_img_loss = mse / (count * target.size(-1))
             else:
                 raise ValueError(f"visual_target={visual_target}: vilbert-ds implements 0 (KL) and 1 (MSE)")
             losses.append(img_weight * out.masked_img_loss)
         if is_next is not None:
             picked = is_next != -1
-            ce = F.cross_entropy(out.seq_relationship[picked].float(), is_next[picked], reduction="sum")
+            ce = F.cross_entropy(loss_precision(out.seq_relationship[picked]), is_next[picked], reduction="sum")
             out.next_sentence_loss = ce / picked.sum().clamp(min=1)
             losses.append(out.next_sentence_loss)
         out.loss = torch.stack(losses).sum() if losses else None
