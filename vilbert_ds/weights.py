@@ -138,8 +138,11 @@ def _infer_heads(config: ViLBertConfig, state: dict[str, torch.Tensor]) -> ViLBe
     """Original checkpoints do not say which class wrote them; the keys do."""
     has_task_tokens = TASK_EMBEDDINGS in state
     has_task_heads = any(k.startswith(TASK_HEAD_PREFIXES) for k in state)
+    # Task heads follow the keys alone: `with_task_heads` defaults to true and is absent from
+    # original JSON configs, so `or`-ing it in would make every pretrained_model.bin "miss" its
+    # task heads. (Use from_original(task_heads=True) to add fresh ones.)
     changes = {"task_specific_tokens": has_task_tokens or config.task_specific_tokens,
-               "with_task_heads": has_task_heads or config.with_task_heads}
+               "with_task_heads": has_task_heads}
     if has_task_tokens:
         changes["num_task_tokens"] = state[TASK_EMBEDDINGS].shape[0]
     return config.replace(**changes)
