@@ -18,6 +18,7 @@ extensions_dir()  # a stable TORCH_EXTENSIONS_DIR for every rank the tests start
 
 pytest_plugins = [
     "fixtures.common",
+    "fixtures.model",
     "fixtures.data",
     "fixtures.s3",
     "fixtures.training",
