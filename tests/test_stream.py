@@ -1,0 +1,198 @@
+"""Streaming loader on local shards: batch contract, preprocessing as the original, equal batch
+counts over ranks x workers, exact mid-epoch resume."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vilbert_ds.data.pretrain import build_pretrain_loader, iou_matrix
+from vilbert_ds.data.stream import RoundRobin, split_ranges
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _epoch(loader):
+    return [list(b.keys) for b in loader]
+
+
+def test_batch_fields_follow_the_original_layout(data_config, synthetic_shards):
+    cfg = data_config(num_workers=0, max_regions=12)
+    loader = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=4, seed=3)
+    batch = next(iter(loader))
+    B, L, R = 4, cfg.max_seq_length, cfg.max_regions
+    assert batch.input_ids.shape == (B, L) and batch.input_ids.dtype == torch.int64
+    assert batch.image_feat.shape == (B, R + 1, 2048) and batch.image_feat.dtype == torch.float16
+    assert batch.image_target.shape == (B, R, 1601)
+    assert batch.image_label.shape == (B, R)
+    # 10 real regions + global; the last 2 of 12 are padding
+    assert batch.image_mask[:, :11].eq(1).all() and batch.image_mask[:, 11:].eq(0).all()
+    assert batch.image_label[:, 10:].eq(-1).all()
+    assert torch.equal(batch.image_loc[:, 0], torch.tensor([[0, 0, 1, 1, 1.0]]).expand(B, 5))
+    assert (batch.input_ids[:, 0] == 101).all()  # [CLS]
+    for i in range(B):
+        n = int(batch.attention_mask[i].sum())
+        assert batch.input_ids[i, n - 1] == 102 and batch.input_ids[i, n:].eq(0).all()
+        assert batch.masked_lm_labels[i, 0] == -1 and batch.masked_lm_labels[i, n - 1:].eq(-1).all()
+    assert set(batch.is_next.tolist()) <= {0, 1}
+    assert len(batch.keys) == B
+
+
+def test_global_region_is_the_original_masked_mean(data_config):
+    """Region 0 = sum of the features after masking / (regions outside the IoU>0.4 overlap set)."""
+    from vilbert_ds.data.pretrain import PretrainCollate
+    from vilbert_ds.data.sample import Sample
+
+    rng = np.random.default_rng(0)
+    n = 36
+    x1, y1 = rng.uniform(0, 300, n), rng.uniform(0, 200, n)
+    boxes = np.stack([x1, y1, x1 + rng.uniform(20, 200, n), y1 + rng.uniform(20, 200, n)], 1).astype(np.float32)
+    feats = rng.uniform(0, 2, (n, 2048)).astype(np.float16)
+    samples = [Sample(key=f"img{i}", meta=dict(image_w=640, image_h=480, num_boxes=n, caption="a red dog"),
+                      features=feats, boxes=boxes, cls_prob=np.full((n, 1601), 1 / 1601, np.float16)) for i in range(16)]
+    collate = PretrainCollate(data_config(max_regions=36, objective=2), seed=0, caption_pool_url=None, num_classes=1601)
+    batch = collate(samples, epoch=0)
+    iou = iou_matrix(boxes)
+    checked = 0
+    for i in range(16):
+        chosen = batch.image_label[i].numpy() == 1
+        masked = batch.image_feat[i, 1:].float().numpy()
+        # masked regions are zeroed (90%) or kept (10%); others untouched
+        assert np.array_equal(masked[~chosen], feats[~chosen].astype(np.float32))
+        overlap = (iou[chosen] > 0.4).any(0) if chosen.any() else np.zeros(n, bool)
+        expected = masked.sum(0) / max(1, n - overlap.sum())
+        np.testing.assert_allclose(batch.image_feat[i, 0].float().numpy(), expected, rtol=2e-3, atol=2e-3)
+        checked += int(chosen.any())
+    assert checked > 0
+    loc = batch.image_loc[0, 1:].numpy()
+    np.testing.assert_allclose(loc[:, 0], boxes[:, 0] / 640, rtol=1e-6)
+    np.testing.assert_allclose(loc[:, 4], (boxes[:, 3] - boxes[:, 1]) * (boxes[:, 2] - boxes[:, 0]) / (640 * 480), rtol=1e-5)
+
+
+def test_masking_statistics_and_negatives(data_config):
+    loader = build_pretrain_loader(data_config(num_workers=0), rank=0, world_size=1, micro_batch_size=8, seed=0)
+    tok_targets = tok_total = reg_targets = reg_total = negatives = n = 0
+    zeroed = 0
+    for b in loader:
+        real = (b.attention_mask == 1).sum().item() - 2 * b.size
+        tok_total += real
+        tok_targets += (b.masked_lm_labels != -1).sum().item()
+        lab = b.image_label == 1
+        reg_targets += lab.sum().item()
+        reg_total += 10 * b.size
+        zeroed += (b.image_feat[:, 1:][lab].abs().sum(-1) == 0).sum().item()
+        negatives += b.is_next.sum().item()
+        n += b.size
+    assert 0.05 < tok_targets / tok_total < 0.3
+    assert 0.07 < reg_targets / reg_total < 0.25
+    assert zeroed / max(reg_targets, 1) > 0.7  # 90% of masked regions are zeroed
+    assert 0.25 < negatives / n < 0.75
+
+
+def test_objectives_1_and_2(data_config):
+    b1 = next(iter(build_pretrain_loader(data_config(num_workers=0, objective=1), rank=0, world_size=1,
+                                         micro_batch_size=48, seed=0)))
+    neg = b1.is_next == 1
+    assert neg.any() and (~neg).any()
+    assert b1.masked_lm_labels[neg].eq(-1).all() and b1.image_label[neg].eq(-1).all()
+    assert (b1.masked_lm_labels[~neg] != -1).any()
+    b2 = next(iter(build_pretrain_loader(data_config(num_workers=0, objective=2), rank=0, world_size=1,
+                                         micro_batch_size=48, seed=0)))
+    assert b2.is_next.eq(-1).all()
+
+
+def test_sample_randomness_independent_of_worker_layout(data_config):
+    """Masking/negatives depend on (seed, epoch, key) only: same per-key tensors with 0 or 2 workers."""
+    def by_key(workers):
+        out = {}
+        for b in build_pretrain_loader(data_config(num_workers=workers), rank=0, world_size=1, micro_batch_size=4, seed=5):
+            for i, k in enumerate(b.keys):
+                out[k] = (b.input_ids[i].clone(), b.image_label[i].clone(), int(b.is_next[i]))
+        return out
+    a, c = by_key(0), by_key(2)
+    assert a.keys() == c.keys()
+    for k in a:
+        assert torch.equal(a[k][0], c[k][0]) and torch.equal(a[k][1], c[k][1]) and a[k][2] == c[k][2]
+
+
+def test_equal_batch_counts_3_ranks_x_2_workers(data_config, synthetic_shards):
+    """4 shards, 3 ranks x 2 workers: the same len() and the same number of delivered batches on
+    every rank, no sample on two ranks, and epochs reshuffle."""
+    cfg = data_config(num_workers=2)
+    per_rank = []
+    for rank in range(3):
+        loader = build_pretrain_loader(cfg, rank=rank, world_size=3, micro_batch_size=5, seed=1)
+        assert len(loader) == 48 // (3 * 5)
+        batches = _epoch(loader)
+        assert len(batches) == len(loader) and all(len(b) == 5 for b in batches)
+        per_rank.append([k for b in batches for k in b])
+    flat = [k for r in per_rank for k in r]
+    assert len(flat) == len(set(flat)) == 3 * 3 * 5
+    loader = build_pretrain_loader(cfg, rank=0, world_size=3, micro_batch_size=5, seed=1)
+    loader.set_epoch(1)
+    assert [k for b in _epoch(loader) for k in b] != per_rank[0]
+
+
+@pytest.mark.parametrize("workers,cut", [(2, 3), (0, 5), (2, 1)])
+def test_resume_mid_epoch_continues_exactly(data_config, workers, cut):
+    cfg = data_config(num_workers=workers)
+    full = _epoch(build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=4, seed=7))
+    assert len(full) == 12
+    first = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=4, seed=7)
+    seen = []
+    it = iter(first)
+    for _ in range(cut):
+        seen.append(list(next(it).keys))
+    state = first.state_dict()
+    del it
+    assert state["consumed"] == cut and sum(b - a for s in state["slots"] for a, b in s) == 12 - cut
+    resumed = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=4, seed=7)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(state["epoch"])  # same epoch: keeps the position
+    rest = _epoch(resumed)
+    assert seen + rest == full  # same batches, same order, nothing repeated or skipped
+    assert resumed.remaining() == 0 and _epoch(resumed) == []
+
+
+def test_resume_with_another_worker_count_keeps_the_sample_set(data_config):
+    cfg2 = data_config(num_workers=2)
+    first = build_pretrain_loader(cfg2, rank=0, world_size=1, micro_batch_size=4, seed=2)
+    first.set_epoch(1)
+    it = iter(first)
+    seen = [k for _ in range(5) for k in next(it).keys]
+    state = first.state_dict()
+    del it
+    resumed = build_pretrain_loader(data_config(num_workers=1), rank=0, world_size=1, micro_batch_size=4, seed=2)
+    resumed.load_state_dict(state)
+    rest = [k for b in resumed for k in b.keys]
+    assert len(seen) + len(rest) == 48 and set(seen) | set(rest) == {k for b in _epoch(
+        _at_epoch(build_pretrain_loader(cfg2, rank=0, world_size=1, micro_batch_size=4, seed=2), 1)) for k in b}
+    assert not set(seen) & set(rest)
+
+
+def _at_epoch(loader, epoch):
+    loader.set_epoch(epoch)
+    return loader
+
+
+def test_state_mismatch_is_refused(data_config):
+    a = build_pretrain_loader(data_config(), rank=0, world_size=2, micro_batch_size=4, seed=1)
+    b = build_pretrain_loader(data_config(), rank=0, world_size=3, micro_batch_size=4, seed=1)
+    with pytest.raises(ValueError, match="world_size"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_round_robin_bookkeeping():
+    blocks = split_ranges([(0, 10)], 3)
+    assert blocks == [[(0, 4)], [(4, 7)], [(7, 10)]]
+    rr = RoundRobin(blocks)
+    order = [rr.take() for _ in range(10)]
+    assert order == [0, 4, 7, 1, 5, 8, 2, 6, 9, 3]
+    assert rr.remaining() == 0
+
+
+def test_iou_matches_the_original_convention():
+    boxes = np.array([[0, 0, 9, 9], [5, 5, 14, 14], [100, 100, 109, 109]], dtype=np.float32)
+    m = iou_matrix(boxes)
+    assert m[0, 0] == pytest.approx(1.0) and m[0, 2] == 0
+    assert m[0, 1] == pytest.approx(25 / (100 + 100 - 25))

@@ -1,0 +1,183 @@
+"""`DataConfig`: where the shards are and how they are streamed, masked and batched.
+
+Every key is YAML-friendly (strings, numbers, lists, dicts). Byte sizes accept integers or
+strings with a unit: "256MB" (10^6 bytes), "256MiB" (2^20 bytes), "1.5GB", "4096".
+Credentials may be given in `storage_options` (s3fs `key`/`secret`/`token`, ...) but are never
+logged: `DataConfig.to_dict(redact=True)` (the form that reaches logs, checkpoints and wandb)
+replaces them with "***".
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30,
+}
+
+# Keys whose values are secrets wherever they appear (storage options, build arguments, URLs).
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|session|access_key|key_id|(^|_)key$|auth)", re.I)
+
+
+def parse_bytes(value: int | float | str, *, name: str = "size") -> int:
+    """`"256MB"` -> 256_000_000, `"64MiB"` -> 67_108_864, `4096` -> 4096."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected a byte size, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"{name}: byte size must be >= 0, got {value!r}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{name}: cannot parse byte size {value!r} (use e.g. 256MB, 64MiB, 4096)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def redact(obj: Any) -> Any:
+    """A copy of `obj` (dicts/lists/strings) with secret values replaced by "***" and
+    user:password@ removed from URLs."""
+    if isinstance(obj, dict):
+        return {k: ("***" if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "")
+                    else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    if isinstance(obj, str):
+        return re.sub(r"(?<=://)[^/@\s]+@", "***@", obj)
+    return obj
+
+
+@dataclass
+class SourceConfig:
+    """One shard set: a manifest URL (`.../manifest.json`), or shard URLs with brace ranges
+    (`s3://bucket/cc-{000000..000331}.tar`; each tar's `.stats.json` must sit beside it).
+    `weight` is the share of the epoch's samples drawn from this source when several are mixed."""
+
+    url: str
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.url, str) or not self.url.strip():
+            raise ValueError(f"data source url: expected a non-empty string, got {self.url!r}")
+        if not (self.weight > 0):
+            raise ValueError(f"data source {self.url!r}: weight must be > 0, got {self.weight!r}")
+        self.weight = float(self.weight)
+
+
+def _sources(value: Any, key: str) -> str | list[SourceConfig] | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, SourceConfig):
+        return [value]
+    if isinstance(value, (list, tuple)) and value:
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, SourceConfig):
+                out.append(item)
+            elif isinstance(item, str):
+                out.append(SourceConfig(url=item))
+            elif isinstance(item, dict):
+                unknown = set(item) - {"url", "weight"}
+                if unknown:
+                    raise ValueError(f"data.{key}[{i}]: unknown keys {sorted(unknown)} (expected url, weight)")
+                out.append(SourceConfig(**item))
+            else:
+                raise ValueError(f"data.{key}[{i}]: expected a URL string or {{url, weight}}, got {item!r}")
+        return out
+    raise ValueError(f"data.{key}: expected a URL string or a non-empty list of sources, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Shard streaming and pretraining preprocessing (the original's defaults where it has one)."""
+
+    train: str | list[SourceConfig] = ""  # manifest URL, shard URL/brace pattern, or [{url, weight}]
+    val: str | list[SourceConfig] | None = None
+    storage_options: dict = field(default_factory=dict)  # passed to fsspec (s3fs: endpoint_url, key, ...)
+    vocab: str = ""  # vocab.txt or a tokenizer directory (uncased WordPiece, BertTokenizerFast)
+    caption_pool: str | None = None  # JSON list / {image_id: caption} for negatives; default: the manifest's
+
+    # streaming
+    num_workers: int = 2  # DataLoader worker processes per rank
+    prefetch_factor: int = 2  # batches each worker keeps ready
+    pin_memory: bool = False
+    shuffle: bool = True  # shuffle shard order (per epoch) and samples (within windows) for `train`
+    shuffle_bytes: int | str = "256MB"  # per-worker shuffle window, in bytes of shard data
+    resampled: bool = False  # draw the epoch's shards with replacement (weighted by sample count)
+    epoch_samples: int | None = None  # samples per epoch across all ranks (default: all samples once)
+    read_chunk_bytes: int | str = "8MiB"  # size of each read request / readahead chunk
+    readahead_chunks: int = 4  # chunks read ahead of the decoder per open shard (0 = none)
+    max_retries: int = 6  # per read, for transient object-store / network errors
+    retry_backoff_s: float = 0.25  # first backoff; doubles per retry, capped at 8 s
+    on_error: str = "fail"  # "fail": raise on an unreadable shard / corrupt sample; "skip": count, substitute
+
+    # pretraining preprocessing (reference section 2)
+    max_seq_length: int = 36  # tokens incl. [CLS] and [SEP]
+    max_regions: int = 36  # detected regions kept per image (+1 global region => 37)
+    objective: int = 0  # 0 all losses; 1 no masked modelling on negatives; 2 no negatives
+    mask_prob: float = 0.15  # per token and per region
+    visual_target: int = 0  # 0: cls_prob KL target [.., 1601]; 1: the unmasked 2048-d feature
+
+    def __post_init__(self):
+        self.train = _sources(self.train, "train")
+        self.val = _sources(self.val, "val")
+        if not self.train:
+            raise ValueError("data.train: a manifest URL or shard URL pattern is required")
+        if not isinstance(self.storage_options, dict):
+            raise ValueError(f"data.storage_options: expected a mapping, got {type(self.storage_options).__name__}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        self.shuffle_bytes = parse_bytes(self.shuffle_bytes, name="data.shuffle_bytes")
+        self.read_chunk_bytes = parse_bytes(self.read_chunk_bytes, name="data.read_chunk_bytes")
+        if self.read_chunk_bytes < 4096:
+            raise ValueError(f"data.read_chunk_bytes must be >= 4096, got {self.read_chunk_bytes}")
+        if self.readahead_chunks < 0:
+            raise ValueError(f"data.readahead_chunks must be >= 0, got {self.readahead_chunks}")
+        if self.max_retries < 0 or self.retry_backoff_s < 0:
+            raise ValueError("data.max_retries and data.retry_backoff_s must be >= 0")
+        if self.epoch_samples is not None and self.epoch_samples <= 0:
+            raise ValueError(f"data.epoch_samples must be > 0, got {self.epoch_samples}")
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"data.on_error must be 'fail' or 'skip', got {self.on_error!r}")
+        if self.max_seq_length < 3:
+            raise ValueError(f"data.max_seq_length must be >= 3 ([CLS] token [SEP]), got {self.max_seq_length}")
+        if self.max_regions < 1:
+            raise ValueError(f"data.max_regions must be >= 1, got {self.max_regions}")
+        if self.objective not in (0, 1, 2):
+            raise ValueError(f"data.objective must be 0, 1 or 2 (as the original), got {self.objective}")
+        if not 0.0 <= self.mask_prob <= 1.0:
+            raise ValueError(f"data.mask_prob must be in [0, 1], got {self.mask_prob}")
+        if self.visual_target not in (0, 1):
+            raise ValueError(f"data.visual_target must be 0 (cls_prob KL) or 1 (feature regression), got {self.visual_target}")
+
+    def sources(self, split: str) -> list[SourceConfig]:
+        """The sources of `split` ("train" or "val") as a list."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        value = self.train if split == "train" else self.val
+        if value is None:
+            raise ValueError(f"data.{split} is not set")
+        return [SourceConfig(url=value)] if isinstance(value, str) else list(value)
+
+    def to_dict(self, redact_secrets: bool = True) -> dict[str, Any]:
+        """Plain dict for YAML/logs/wandb; secrets redacted unless asked otherwise."""
+        d = dataclasses.asdict(self)
+        return redact(d) if redact_secrets else d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"data: unknown keys {sorted(unknown)}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+    def __repr__(self) -> str:  # never print secrets, even by accident
+        items = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        return f"DataConfig({items})"

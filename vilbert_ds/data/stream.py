@@ -1,0 +1,625 @@
+"""The streaming loader: manifest -> epoch plan -> rank range -> shuffle windows -> workers -> batches.
+
+Stages (each a small function or class below):
+1. `EpochPlan`: the epoch's sequence of (shard, sample range) segments, from the manifests of one
+   or more weighted sources, shard order shuffled (or resampled) with (seed, epoch). N samples.
+2. Rank split: every rank gets the same number of batches B = N // (world_size * micro_batch)
+   (the remainder, < world_size * micro_batch samples, is left out of this epoch; the shard
+   order changes every epoch so different samples are left out). Rank r owns the contiguous
+   range [r*S, (r+1)*S) of the sequence, S = B * micro_batch: counts come from the manifest,
+   before any byte is read, so no rank can run dry inside a collective.
+3. Shuffle windows: the rank's range is cut into windows of `shuffle_bytes` worth of samples;
+   each window is permuted with (seed, epoch, rank, window). The result is the rank's sample
+   order O; batch i is O[i*mb:(i+1)*mb]. O does not depend on the number of workers.
+4. Workers: the batches not yet consumed (a list of ranges, initially [0, B)) are split into
+   contiguous blocks, one per DataLoader worker. A worker reads the byte spans of its windows
+   (ranged reads, parallel, resumed at the exact byte after a broken connection), decodes only
+   the samples it needs, and yields whole batches. The DataLoader hands out batches round-robin
+   over workers, so after c consumed batches worker w has delivered c//W + (w < c%W) of them.
+5. Resume: `state_dict()` records the still-unconsumed batch ranges of O (a few integers);
+   `load_state_dict()` makes the next iteration split exactly those over the workers (any
+   worker count). A worker that starts inside a window reads that window again and drops the
+   samples before its start: at most one window is re-read per worker.
+
+Errors: an unreadable shard is retried (storage.RangeReader), then raises `ShardReadError`
+naming its URL (on_error="fail"), or is logged, counted and its samples are substituted
+(on_error="skip"). A corrupt sample raises `SampleError` naming shard and key, or is counted and
+substituted. Substitutes are other samples of the same window, so batch shapes and counts never
+change; every substitution is counted and reported at the end of the epoch.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import storage
+from .manifest import Manifest, ShardInfo
+from .sample import Sample, SampleError, decode
+from .tario import TarFormatError, parse_sample, split_name
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def key_seed(key: str) -> tuple[int, int]:
+    """Two 32-bit words from a sample key: stable across processes (unlike hash())."""
+    h = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h[:4], "little"), int.from_bytes(h[4:], "little")
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """The generator of one sample's randomness (masking, negatives): (seed, epoch, key) only."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, *key_seed(key)])
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. epoch plan
+
+
+@dataclass
+class Source:
+    manifest: Manifest
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Segment:
+    shard: int  # index into EpochPlan.shards
+    start: int  # first sample (within the shard)
+    end: int  # one past the last sample
+
+
+class EpochPlan:
+    """The ordered segments of one epoch over all sources; `locate(i)` maps a sequence index to
+    (shard index, sample index within shard)."""
+
+    def __init__(self, sources: Sequence[Source], *, seed: int, epoch: int, shuffle: bool = True,
+                 resampled: bool = False, epoch_samples: int | None = None):
+        self.shards: list[ShardInfo] = []
+        per_source: list[list[int]] = []
+        for src in sources:
+            ids = [len(self.shards) + i for i, s in enumerate(src.manifest.shards) if s.count > 0]
+            self.shards.extend(src.manifest.shards)
+            per_source.append(ids)
+        if not any(per_source):
+            raise ValueError("the data sources hold no samples: " + ", ".join(storage.safe_url(s.manifest.url) for s in sources))
+        total = sum(s.count for s in self.shards)
+        target = epoch_samples if epoch_samples is not None else total
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch, 0x5EED])
+        weights = np.array([src.weight if ids else 0.0 for src, ids in zip(sources, per_source)], dtype=np.float64)
+        mean_count = np.array([np.mean([self.shards[i].count for i in ids]) if ids else 1.0 for ids in per_source])
+        # choose a source per shard slot with p ~ weight / mean shard size: sample shares ~ weights
+        slot_p = weights / mean_count
+        slot_p = slot_p / slot_p.sum()
+        streams = [self._shard_stream(ids, rng, shuffle, resampled) for ids in per_source]
+        segments: list[Segment] = []
+        n = 0
+        single = len(sources) == 1
+        while n < target:
+            s = 0 if single else int(rng.choice(len(streams), p=slot_p))
+            shard = next(streams[s])
+            take = min(self.shards[shard].count, target - n)
+            segments.append(Segment(shard, 0, take))
+            n += take
+        self.segments = segments
+        self.starts = np.cumsum([0] + [seg.end - seg.start for seg in segments]).tolist()
+        self.total = n
+
+    def _shard_stream(self, ids: list[int], rng: np.random.Generator, shuffle: bool, resampled: bool) -> Iterator[int]:
+        if not ids:
+            return iter(())
+        if resampled:
+            counts = np.array([self.shards[i].count for i in ids], dtype=np.float64)
+            p = counts / counts.sum()
+
+            def draws():
+                while True:
+                    yield ids[int(rng.choice(len(ids), p=p))]
+            return draws()
+
+        def cycles():
+            while True:  # epoch_samples beyond the source size cycles through it again, re-shuffled
+                order = rng.permutation(len(ids)) if shuffle else range(len(ids))
+                for j in order:
+                    yield ids[int(j)]
+        return cycles()
+
+    def locate(self, index: int) -> tuple[int, int]:
+        j = bisect.bisect_right(self.starts, index) - 1
+        seg = self.segments[j]
+        return j, seg.start + index - self.starts[j]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-3. rank split and shuffle windows
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """Sample order of one rank: batch i = positions [i*mb, (i+1)*mb) of O."""
+
+    total: int  # N samples in the epoch plan
+    rank: int
+    world_size: int
+    micro_batch: int
+    window: int  # samples per shuffle window
+    shuffle: bool
+    seed: int
+    epoch: int
+
+    @property
+    def batches(self) -> int:
+        return self.total // (self.world_size * self.micro_batch)
+
+    @property
+    def samples(self) -> int:
+        return self.batches * self.micro_batch
+
+    @property
+    def base(self) -> int:
+        return self.rank * self.samples
+
+    def window_perm(self, j: int) -> np.ndarray:
+        length = min(self.window, self.samples - j * self.window)
+        if not self.shuffle:
+            return np.arange(length)
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, self.rank, j, 0x51DE])
+        return rng.permutation(length)
+
+    def sequence_index(self, positions: np.ndarray, perms: dict[int, np.ndarray]) -> np.ndarray:
+        """Epoch-sequence indices of O-positions (perms: window -> permutation cache)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        windows = positions // self.window
+        out = np.empty(len(positions), dtype=np.int64)
+        for j in np.unique(windows).tolist():
+            sel = windows == j
+            perm = perms.get(j)
+            if perm is None:
+                perm = perms[j] = self.window_perm(j)
+            out[sel] = self.base + j * self.window + perm[positions[sel] - j * self.window]
+        return out
+
+
+def split_ranges(ranges: Sequence[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
+    """Splits the batches of `ranges` into `parts` contiguous blocks, the first R % parts one
+    batch longer (the order the DataLoader's round-robin assumes)."""
+    total = sum(b - a for a, b in ranges)
+    sizes = [total // parts + (1 if w < total % parts else 0) for w in range(parts)]
+    out: list[list[tuple[int, int]]] = []
+    it = iter(ranges)
+    cur = next(it, None)
+    for size in sizes:
+        block: list[tuple[int, int]] = []
+        while size > 0 and cur is not None:
+            a, b = cur
+            take = min(size, b - a)
+            block.append((a, a + take))
+            size -= take
+            cur = (a + take, b) if a + take < b else next(it, None)
+        out.append(block)
+    return out
+
+
+class RoundRobin:
+    """Which batches each DataLoader worker slot still has to deliver.
+
+    The DataLoader asks its workers in cyclic order and skips exhausted ones, so the consumer
+    sees slot `next`'s first batch, then the next non-empty slot's, and so on. Counting the
+    batches the consumer took is therefore enough to know every slot's position.
+    """
+
+    def __init__(self, slots: list[list[tuple[int, int]]]):
+        self.slots = [[(int(a), int(b)) for a, b in slot if b > a] for slot in slots]
+        self.next = self._advance(0)
+
+    def _advance(self, start: int) -> int:
+        n = len(self.slots)
+        for i in range(n):
+            j = (start + i) % n
+            if self.slots[j]:
+                return j
+        return 0
+
+    def take(self) -> int:
+        """Marks the next delivered batch consumed; returns its batch index."""
+        slot = self.slots[self.next]
+        if not slot:
+            raise RuntimeError("the data loader delivered more batches than it planned (a bug)")
+        a, b = slot[0]
+        slot[0] = (a + 1, b)
+        if a + 1 == b:
+            slot.pop(0)
+        self.next = self._advance(self.next + 1)
+        return a
+
+    def remaining(self) -> int:
+        return sum(b - a for slot in self.slots for a, b in slot)
+
+    def rotated(self) -> list[list[tuple[int, int]]]:
+        """Slots starting with the one that delivers next: a new DataLoader with these blocks
+        (worker i gets entry i) continues in exactly the same batch order."""
+        n = len(self.slots)
+        return [list(self.slots[(self.next + i) % n]) for i in range(n)]
+
+    def merged(self) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for a, b in sorted(r for slot in self.slots for r in slot):
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. reading samples
+
+
+@dataclass
+class StreamStats:
+    """Counters a worker sends with each batch (deltas) and the loader sums per epoch."""
+
+    samples: int = 0
+    substituted: int = 0
+    corrupt: int = 0
+    bytes: int = 0
+    requests: int = 0
+    retries: int = 0
+    resumed: int = 0
+    bad_shards: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # first few messages, for the report
+
+    def add(self, other: "StreamStats") -> None:
+        for name in ("samples", "substituted", "corrupt", "bytes", "requests", "retries", "resumed"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.bad_shards.extend(u for u in other.bad_shards if u not in self.bad_shards)
+        self.errors.extend(other.errors[: max(0, 20 - len(self.errors))])
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(samples=self.samples, substituted=self.substituted, corrupt=self.corrupt, bytes=self.bytes,
+                    requests=self.requests, retries=self.retries, resumed=self.resumed,
+                    bad_shards=list(self.bad_shards), errors=list(self.errors))
+
+
+class _Missing:
+    """Marker for a sample that could not be read or decoded (counted, then substituted)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+@dataclass
+class ReadOptions:
+    storage_options: dict
+    chunk_bytes: int
+    parallel: int
+    retries: int
+    backoff_s: float
+    on_error: str
+    feature_dim: int
+    num_classes: int | None
+
+
+def read_samples(shard: ShardInfo, local_ids: Sequence[int], opts: ReadOptions, stats: StreamStats,
+                 dead: set[str]) -> dict[int, Sample | _Missing]:
+    """Reads the samples `local_ids` (sorted, unique) of one shard with one ranged read over the
+    span that contains them; returns local id -> Sample or _Missing."""
+    out: dict[int, Sample | _Missing] = {}
+    if shard.url in dead:
+        return {i: _Missing(f"{storage.safe_url(shard.url)}: unreadable (skipped)") for i in local_ids}
+    lo, hi = local_ids[0], local_ids[-1]
+    start, end = shard.offsets[lo], shard.offsets[hi + 1]
+    rstats = storage.ReadStats()
+    reader = storage.RangeReader(shard.url, start, end, storage_options=opts.storage_options,
+                                 chunk_bytes=opts.chunk_bytes, parallel=opts.parallel, retries=opts.retries,
+                                 backoff_s=opts.backoff_s, stats=rstats)
+    wanted = iter(local_ids)
+    cur = next(wanted, None)
+    buf = bytearray()
+    buf_start = start
+    try:
+        for chunk in reader:
+            buf += chunk
+            while cur is not None and buf_start + len(buf) >= shard.offsets[cur + 1]:
+                a, b = shard.offsets[cur] - buf_start, shard.offsets[cur + 1] - buf_start
+                out[cur] = _decode(shard, cur, bytes(buf[a:b]), opts, stats)
+                cur = next(wanted, None)
+            # drop bytes before the next wanted sample (never beyond what has arrived)
+            drop = min((shard.offsets[cur] if cur is not None else end) - buf_start, len(buf))
+            if drop > 0:
+                del buf[:drop]
+                buf_start += drop
+    except storage.ShardReadError as e:
+        if opts.on_error == "fail":
+            raise
+        log.error("skipping unreadable shard %s: %s", storage.safe_url(shard.url), e)
+        dead.add(shard.url)
+        stats.bad_shards.append(storage.safe_url(shard.url))
+        if len(stats.errors) < 20:
+            stats.errors.append(str(e))
+        for i in local_ids:
+            out.setdefault(i, _Missing(str(e)))
+    finally:
+        stats.bytes += rstats.bytes
+        stats.requests += rstats.requests
+        stats.retries += rstats.retries
+        stats.resumed += rstats.resumed
+    return out
+
+
+def _decode(shard: ShardInfo, i: int, data: bytes, opts: ReadOptions, stats: StreamStats) -> Sample | _Missing:
+    where = f"{storage.safe_url(shard.url)} sample #{i} (byte {shard.offsets[i]})"
+    try:
+        members = parse_sample(data, where)
+        if not members:
+            raise TarFormatError(f"{where}: no tar members")
+        key, _ = split_name(members[0].name)
+        by_ext = {}
+        for m in members:
+            k, ext = split_name(m.name)
+            if k != key:
+                raise TarFormatError(f"{where}: member {m.name!r} does not belong to sample {key!r} "
+                                     f"(offsets out of step with the tar)")
+            by_ext[ext] = m.data
+        sample = decode(key, by_ext, f"{storage.safe_url(shard.url)} key {key}", feature_dim=opts.feature_dim,
+                        num_classes=opts.num_classes)
+        sample.shard = shard.name
+        return sample
+    except (TarFormatError, SampleError) as e:
+        if opts.on_error == "fail":
+            raise SampleError(str(e)) from None
+        log.error("corrupt sample skipped (substituted): %s", e)
+        stats.corrupt += 1
+        if len(stats.errors) < 20:
+            stats.errors.append(str(e))
+        return _Missing(str(e))
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-epoch iterable run by each DataLoader worker
+
+
+BatchFn = Callable[[list[Sample], int], Any]  # (samples, epoch) -> batch
+
+
+@dataclass
+class EpochSpec:
+    """Everything a worker needs for one iteration (picklable)."""
+
+    sources: list[Source]
+    layout: RankLayout
+    blocks: list[list[tuple[int, int]]]  # batch ranges of each worker slot
+    resampled: bool
+    epoch_samples: int | None
+    read: ReadOptions
+    make_batch: Any  # object with setup() and __call__(samples, epoch)
+
+
+class EpochDataset(IterableDataset):
+    def __init__(self, spec: EpochSpec):
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)  # decode/mask are numpy; one thread per worker process
+        spec = self.spec
+        lay = spec.layout
+        if len(spec.blocks) != workers:
+            raise RuntimeError(f"epoch spec has {len(spec.blocks)} worker blocks for {workers} workers")
+        blocks = spec.blocks[worker]
+        if not blocks:
+            return
+        plan = EpochPlan(spec.sources, seed=lay.seed, epoch=lay.epoch, shuffle=lay.shuffle,
+                         resampled=spec.resampled, epoch_samples=spec.epoch_samples)
+        spec.make_batch.setup()
+        yield from _worker_batches(plan, lay, blocks, spec.read, spec.make_batch)
+
+
+def _worker_batches(plan: EpochPlan, lay: RankLayout, blocks: list[tuple[int, int]], opts: ReadOptions,
+                    make_batch) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Yields (batch, stats delta) for the worker's batch blocks, one shuffle window at a time."""
+    mb = lay.micro_batch
+    positions = np.concatenate([np.arange(a * mb, b * mb) for a, b in blocks])  # ascending O-positions
+    windows = positions // lay.window
+    perms: dict[int, np.ndarray] = {}
+    dead: set[str] = set()
+    recent: list[Sample] = []  # last good samples: substitutes when a whole window is unreadable
+    stats = StreamStats()
+    pending: list[Sample] = []
+    lo = 0
+    while lo < len(positions):
+        j = int(windows[lo])
+        hi = int(np.searchsorted(windows, j, side="right"))
+        mine = positions[lo:hi]
+        seq = lay.sequence_index(mine, perms)
+        perms.pop(j, None)  # a window is visited once per worker
+        cache = _load_window(plan, seq, opts, stats, dead)
+        cache = _substitute(cache, seq, lay, recent, stats)
+        for g in seq.tolist():
+            pending.append(cache[g])
+            if len(pending) == mb:
+                stats.samples += mb
+                batch = make_batch(pending, lay.epoch)
+                yield batch, stats.as_dict()
+                stats = StreamStats()
+                pending = []
+        lo = hi
+
+
+def _load_window(plan: EpochPlan, seq: np.ndarray, opts: ReadOptions, stats: StreamStats,
+                 dead: set[str]) -> dict[int, Sample | _Missing]:
+    """Sequence index -> sample for the needed indices of one window."""
+    by_segment: dict[int, list[tuple[int, int]]] = {}
+    for g in sorted(set(seq.tolist())):
+        seg_j, local = plan.locate(g)
+        by_segment.setdefault(seg_j, []).append((local, g))
+    out: dict[int, Sample | _Missing] = {}
+    for seg_j, pairs in by_segment.items():
+        shard = plan.shards[plan.segments[seg_j].shard]
+        got = read_samples(shard, [p[0] for p in pairs], opts, stats, dead)
+        for local, g in pairs:
+            out[g] = got[local]
+    return out
+
+
+def _substitute(cache: dict[int, Sample | _Missing], seq: np.ndarray, lay: RankLayout, recent: list[Sample],
+                stats: StreamStats) -> dict[int, Sample | _Missing]:
+    good = [s for s in cache.values() if isinstance(s, Sample)]
+    recent[:] = (recent + good)[-64:]
+    missing = [g for g, s in cache.items() if isinstance(s, _Missing)]
+    if not missing:
+        return cache
+    donors = good or list(recent)
+    if not donors:
+        reasons = "; ".join(sorted({cache[g].reason for g in missing})[:3])
+        raise storage.ShardReadError("<window>", f"no readable sample to substitute for {len(missing)} missing: {reasons}")
+    rng = np.random.default_rng([lay.seed & 0xFFFFFFFF, lay.epoch, lay.rank, int(seq.min()), 0x5B5])
+    for g in missing:
+        cache[g] = donors[int(rng.integers(len(donors)))]
+        stats.substituted += 1
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. the Loader
+
+
+class StreamingLoader:
+    """The Loader protocol the trainer relies on:
+
+    - `__iter__()` yields the remaining batches of the current epoch, then stops;
+    - `__len__()` batches per epoch on this rank (identical on every rank; from manifests);
+    - `set_epoch(epoch)`: a different epoch starts from its beginning; the current one keeps
+      its position (so `load_state_dict()` then `set_epoch(same)` resumes);
+    - `state_dict()` / `load_state_dict()`: the position as a small plain dict.
+    """
+
+    def __init__(self, sources: list[Source], *, rank: int, world_size: int, micro_batch_size: int, seed: int,
+                 make_batch, num_workers: int = 2, prefetch_factor: int = 2, pin_memory: bool = False,
+                 shuffle: bool = True, shuffle_bytes: int = 256 * 10**6, resampled: bool = False,
+                 epoch_samples: int | None = None, read: ReadOptions, name: str = "train"):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.sources = sources
+        self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch_size
+        self.seed = seed
+        self.make_batch = make_batch
+        self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
+        self.shuffle, self.resampled, self.epoch_samples = shuffle, resampled, epoch_samples
+        self.read = read
+        self.name = name
+        total_bytes = sum(s.data_bytes for src in sources for s in src.manifest.shards)
+        total_count = sum(s.count for src in sources for s in src.manifest.shards)
+        self.sample_bytes = total_bytes / max(total_count, 1)  # mean bytes per sample in the tars
+        self.window = max(1, int(shuffle_bytes // max(self.sample_bytes, 1))) if shuffle else 1 << 62
+        self.epoch_total = epoch_samples if epoch_samples is not None else total_count
+        self._batches = self.epoch_total // (world_size * micro_batch_size)
+        if self._batches == 0:
+            raise ValueError(f"{name}: {self.epoch_total} samples per epoch cannot give world_size={world_size} ranks "
+                             f"one batch of {micro_batch_size} each")
+        self.fingerprint = hashlib.sha256(repr([(s.name, s.count, s.sha256) for src in sources
+                                                for s in src.manifest.shards] + [[src.weight for src in sources]]).encode()).hexdigest()[:16]
+        self.epoch = 0
+        self._slots: list[list[tuple[int, int]]] = [[(0, self._batches)]]  # unconsumed batches per worker slot
+        self._consumed_total = 0  # batches consumed in this epoch (over resumes)
+        self.report = StreamStats()
+        self.last_report: dict[str, Any] | None = None
+
+    # -- protocol ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = int(epoch)
+            self._slots = [[(0, self._batches)]]
+            self._consumed_total = 0
+            self.report = StreamStats()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Small, plain and identical on every rank (rank 0's copy can resume all ranks).
+        `slots`: unconsumed batch ranges per worker slot, the slot that delivers next first."""
+        return dict(version=STATE_VERSION, name=self.name, epoch=self.epoch, consumed=self._consumed_total,
+                    slots=[[list(r) for r in slot] for slot in self._slots], batches_per_epoch=self._batches,
+                    seed=self.seed, world_size=self.world_size, micro_batch_size=self.micro_batch,
+                    fingerprint=self.fingerprint)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"{self.name} loader state version {state.get('version')} is not {STATE_VERSION}")
+        for key, mine in (("world_size", self.world_size), ("micro_batch_size", self.micro_batch),
+                          ("seed", self.seed), ("batches_per_epoch", self._batches), ("fingerprint", self.fingerprint)):
+            if state.get(key) != mine:
+                raise ValueError(f"{self.name} loader state has {key}={state.get(key)!r} but this run has {mine!r}: "
+                                 f"a mid-epoch resume needs the same shards, seed, world size and micro-batch "
+                                 f"(start the next epoch instead: loader.set_epoch(epoch + 1))")
+        self.epoch = int(state["epoch"])
+        self._slots = [[(int(a), int(b)) for a, b in slot] for slot in state["slots"]]
+        self._consumed_total = int(state["consumed"])
+        self.report = StreamStats()
+
+    def remaining(self) -> int:
+        """Batches the next iteration will yield."""
+        return sum(b - a for slot in self._slots for a, b in slot)
+
+    def _worker_blocks(self, workers: int) -> list[list[tuple[int, int]]]:
+        """Same worker count as when the state was taken: the same blocks, so the batch order
+        continues exactly. Otherwise the unconsumed batches are re-split (same set, new order)."""
+        if len(self._slots) == workers:
+            return [list(slot) for slot in self._slots]
+        return split_ranges(RoundRobin(self._slots).merged(), workers)
+
+    def __iter__(self):
+        if self.remaining() == 0:
+            return
+        workers = max(1, self.num_workers)
+        rr = RoundRobin(self._worker_blocks(workers))
+        layout = RankLayout(total=self.epoch_total, rank=self.rank, world_size=self.world_size,
+                            micro_batch=self.micro_batch, window=self.window, shuffle=self.shuffle,
+                            seed=self.seed, epoch=self.epoch)
+        spec = EpochSpec(sources=self.sources, layout=layout, blocks=[list(s) for s in rr.slots],
+                         resampled=self.resampled, epoch_samples=self.epoch_samples, read=self.read,
+                         make_batch=self.make_batch)
+        dataset = EpochDataset(spec)
+        if self.num_workers > 0:
+            loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
+                                persistent_workers=False, multiprocessing_context="fork")
+        else:
+            loader = dataset
+        self._slots = rr.rotated()
+        for batch, stats in loader:
+            rr.take()
+            self._slots = rr.rotated()
+            self._consumed_total += 1
+            self.report.add(StreamStats(**stats))
+            yield batch
+        if rr.remaining():
+            raise RuntimeError(f"{self.name}: the workers stopped with {rr.remaining()} planned batches undelivered")
+        self._epoch_end()
+
+    def _epoch_end(self) -> None:
+        r = self.report
+        self.last_report = dict(epoch=self.epoch, rank=self.rank, **r.as_dict())
+        msg = (f"{self.name} epoch {self.epoch} rank {self.rank}: {r.samples} samples, {r.bytes / 1e6:.1f} MB, "
+               f"{r.retries} retries, {r.resumed} resumed connections, {r.corrupt} corrupt samples, "
+               f"{len(r.bad_shards)} unreadable shards, {r.substituted} substituted samples")
+        if r.corrupt or r.bad_shards or r.substituted:
+            log.warning("%s; unreadable: %s", msg, ", ".join(r.bad_shards) or "none")
+        else:
+            log.info(msg)
