@@ -132,19 +132,17 @@ def first_existing(root: str, names: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------------------ text
-def load_tokenizer(vocab_dir: str | os.PathLike | None = None, lowercase: bool = True):
-    """A WordPiece BERT tokenizer from a local directory holding vocab.txt (default: the local
-    uncased vocab of `vilbert_ds.assets.minilm_dir()`, identical to bert-base-uncased's)."""
-    from transformers import BertTokenizerFast
+def load_tokenizer(vocab: str | os.PathLike | None = None):
+    """The uncased WordPiece tokenizer of the data area (`data.pretrain.load_tokenizer`: a vocab.txt
+    or tokenizer directory, local only); default: the local vocab of `vilbert_ds.assets.minilm_dir()`,
+    identical to bert-base-uncased's."""
+    from ..data.pretrain import load_tokenizer as load
 
-    if vocab_dir is None:
+    if not vocab:
         from ..assets import minilm_dir
 
-        vocab_dir = minilm_dir()
-    vocab = Path(vocab_dir) / "vocab.txt"
-    if not vocab.exists():
-        raise FileNotFoundError(f"tokenizer: no vocab.txt in {vocab_dir}")
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=lowercase)
+        vocab = minilm_dir()
+    return load(os.fspath(vocab))
 
 
 def encode_text(tokenizer: Any, text: str, max_length: int, text_b: str | None = None) -> tuple[np.ndarray, np.ndarray]:

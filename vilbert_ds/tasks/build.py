@@ -1,0 +1,352 @@
+"""Task shard builder: public annotations + region-feature shards -> self-contained task shards.
+
+    vilbert-ds shards task --task vqa --data-root data            # all splits of the registry entry
+    python -m vilbert_ds.tasks.build --task nlvr2 --splits train,dev --max-count 500
+
+Stages (docs/TASKS.md section 4): read the split's annotations (`TaskFamily.read_annotations`)
+-> remove test-split images from train splits (`clean_train_sets`, on by default) -> labels from
+the task assets (answer vocabulary built once from the training split) -> streaming join with
+the feature shard sets by image id -> tars of at most `max_count` samples, each with a
+`.stats.json`, and the set's `manifest.json` (the data area's manifest format, so
+`vilbert-ds shards verify` and the streaming loader read task shards as any other set).
+
+The join streams every feature set once. An example waits in memory only until all its image
+slots are filled (NLVR2's second image, GT boxes from a second set), so memory is bounded by the
+annotations plus the images still awaited, not by the feature sets.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+from ..data import storage
+from ..data.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_source, shard_name, stats_name
+from ..data.sample import Sample, decode, npy_bytes
+from ..data.tario import TarShardWriter, iter_members, split_name
+from .base import TASK_MEMBER, TaskExample, TaskFamily, join_path, read_json, slot_member
+from .registry import Registry, TaskConfig, build_family, load_registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskBuildConfig:
+    splits: list[str] | None = None  # default: the task's train, val and test splits
+    max_count: int = 1000  # samples per tar
+    clean_train_sets: bool | None = None  # None: the registry's `clean_train_sets.enabled` (on)
+    allow_missing: bool = False  # an example whose image is not in the feature set: error, or count and drop
+    rebuild_assets: bool = False  # rebuild {shards}/assets.json even if present
+    storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_count < 1:
+            raise ValueError(f"task build: --max-count must be >= 1, got {self.max_count}")
+        if isinstance(self.splits, str):
+            self.splits = [s for s in self.splits.split(",") if s]
+
+
+def feature_set_url(url: str) -> str:
+    """A feature source as tasks.yaml names it: a directory (-> its manifest.json), a manifest URL
+    or a brace pattern of tar URLs."""
+    if url.endswith(".json") or ".tar" in url:
+        return url
+    return storage.join(url, MANIFEST_NAME)
+
+
+def iter_feature_samples(url: str, storage_options: dict | None = None) -> Iterator[Sample]:
+    """Every sample of a feature shard set, streamed tar by tar (whole-file reads)."""
+    manifest = load_source(feature_set_url(url), storage_options)
+    for shard in manifest.shards:
+        where = storage.safe_url(shard.url)
+        with storage.open_url(shard.url, "rb", storage_options) as f:
+            key, members = None, {}
+            for _, member in iter_members(f, where):
+                k, ext = split_name(member.name)
+                if key is not None and k != key:
+                    yield decode(key, members, f"{where} key {key}", feature_dim=manifest.feature_dim)
+                    members = {}
+                key = k
+                members[ext] = member.data
+            if key is not None:
+                yield decode(key, members, f"{where} key {key}", feature_dim=manifest.feature_dim)
+
+
+def join_features(examples: Sequence[TaskExample], slots: dict[str, str], sources: dict[str, str],
+                  storage_options: dict | None = None) -> tuple[Iterator[tuple[TaskExample, dict[str, Sample]]], dict]:
+    """(iterator of (example, {slot: feature sample}), missing) where `missing` is filled, once the
+    iterator is exhausted, with {source: [image ids never seen]}.
+
+    slots: image slot -> feature source name; sources: source name -> feature set URL."""
+    for slot, source in slots.items():
+        if source not in sources:
+            raise ValueError(f"image slot {slot or 'main'!r} needs feature source {source!r}; tasks.yaml features has "
+                             f"{sorted(sources)}")
+    needs: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for i, ex in enumerate(examples):
+        for slot, source in slots.items():
+            if slot not in ex.images:
+                raise ValueError(f"example {ex.example_id}: no image id for slot {slot or 'main'!r}")
+            needs.setdefault((source, str(ex.images[slot])), []).append((i, slot))
+    main_source = slots.get("", next(iter(slots.values())))
+    order = sorted(set(slots.values()), key=lambda s: s == main_source)  # main source last: others are small
+    missing: dict[str, list[str]] = {}
+
+    def run() -> Iterator[tuple[TaskExample, dict[str, Sample]]]:
+        pending: dict[int, dict[str, Sample]] = {}
+        for source in order:
+            for sample in iter_feature_samples(sources[source], storage_options):
+                for i, slot in needs.pop((source, str(sample.meta.get("image_id"))), []):
+                    got = pending.setdefault(i, {})
+                    got[slot] = sample
+                    if len(got) == len(slots):
+                        yield examples[i], pending.pop(i)
+        for (source, image_id) in needs:
+            missing.setdefault(source, []).append(image_id)
+
+    return run(), missing
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def sample_members(task: str, split: str, example: TaskExample, images: dict[str, Sample]) -> list[tuple[str, bytes]]:
+    """The tar members of one task sample (docs/TASKS.md section 3), main image first."""
+    members: list[tuple[str, bytes]] = []
+    for slot in sorted(images, key=lambda s: (s != "", s)):
+        img = images[slot]
+        meta = {k: v for k, v in img.meta.items() if k != "caption"}
+        members += [(slot_member(slot, "json"), _json_bytes(meta)),
+                    (slot_member(slot, "features.npy"), npy_bytes(img.features)),
+                    (slot_member(slot, "boxes.npy"), npy_bytes(img.boxes))]
+    record = {"task": task, "split": split, "example_id": example.example_id, "image_ids": example.images,
+              **example.payload}
+    members.append((TASK_MEMBER, _json_bytes(record)))
+    return members
+
+
+class _Hashing:
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+
+class TaskSetWriter:
+    """Writes samples into `{output}/{prefix}-NNNNNN.tar` (+ `.stats.json`), `max_count` per tar,
+    then `manifest.json`. Each tar is written locally and moved/uploaded whole."""
+
+    def __init__(self, output: str, prefix: str, max_count: int, storage_options: dict | None = None):
+        self.output, self.prefix, self.max_count = output, prefix, max_count
+        self.storage_options = storage_options or {}
+        self.shards: list[ShardInfo] = []
+        self.keys: set[str] = set()
+        self.boxes: list[int] = []
+        self._open()
+
+    def _open(self) -> None:
+        tmp_dir = storage.local_path(self.output) if storage.is_local(self.output) else None
+        if tmp_dir:
+            os.makedirs(tmp_dir, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.prefix}.", suffix=".partial", dir=tmp_dir)
+        self._file = os.fdopen(fd, "wb")
+        self._hash = _Hashing(self._file)
+        self._writer = TarShardWriter(self._hash)
+        self._shard_boxes: list[int] = []
+
+    def write(self, key: str, members: list[tuple[str, bytes]], num_boxes: int) -> None:
+        if key in self.keys:
+            raise ValueError(f"{self.output}: duplicate sample key {key!r} (two examples with the same id)")
+        self.keys.add(key)
+        self._writer.write_sample(key, members)
+        self._shard_boxes.append(num_boxes)
+        if len(self._writer.keys) >= self.max_count:
+            self._flush()
+            self._open()
+
+    def _flush(self) -> None:
+        w = self._writer
+        w.close()
+        self._file.close()
+        name = shard_name(self.prefix, len(self.shards))
+        url = storage.join(self.output, name)
+        try:
+            stats = dict(name=name, index=len(self.shards), count=len(w.keys), bytes=w.pos, sha256=self._hash.sha.hexdigest(),
+                         offsets=w.offsets, keys=w.keys, feature_dim=2048, num_classes=None,
+                         regions=dict(min=min(self._shard_boxes, default=0), max=max(self._shard_boxes, default=0),
+                                      sum=sum(self._shard_boxes)), dropped=[])
+            storage.put_file(self._tmp, url, self.storage_options)
+            storage.write_bytes(stats_name(url), (json.dumps(stats, sort_keys=True) + "\n").encode(), self.storage_options)
+        finally:
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+        self.shards.append(ShardInfo(name=name, count=len(w.keys), bytes=w.pos, offsets=w.offsets,
+                                     sha256=stats["sha256"]))
+        self.boxes.extend(self._shard_boxes)
+
+    def close(self, build: dict[str, Any]) -> str:
+        if self._writer.keys or not self.shards:
+            self._flush()
+        else:
+            self._file.close()
+            os.unlink(self._tmp)
+        n = max(len(self.boxes), 1)
+        manifest = Manifest(shards=self.shards, feature_dim=2048, num_classes=None,
+                            regions=dict(min=min(self.boxes, default=0), max=max(self.boxes, default=0),
+                                         mean=round(sum(self.boxes) / n, 3)), build=build)
+        url = storage.join(self.output, MANIFEST_NAME)
+        storage.write_bytes(url, manifest.to_json(), self.storage_options)
+        return url
+
+
+# ------------------------------------------------------------------------------ clean_train_sets
+def test_image_ids(registry: Registry, domain: str) -> tuple[set[str], list[str]]:
+    """Image ids of the `test` splits of every registry task of an image domain, plus the
+    domain's id files. Returns (ids, notes) where notes say what was read or unavailable."""
+    ids: set[str] = set()
+    notes: list[str] = []
+    for cfg in registry:
+        if cfg.image_domain != domain or not cfg.splits.test:
+            continue
+        if not cfg.implemented:
+            notes.append(f"{cfg.name}: family {cfg.family} not implemented, its test images not read")
+            continue
+        family = build_family(cfg)
+        for split in cfg.splits.test:
+            try:
+                examples = family.read_annotations(split)
+            except FileNotFoundError as exc:
+                notes.append(f"{cfg.name}/{split}: annotations unavailable ({exc})")
+                continue
+            before = len(ids)
+            ids.update(str(i) for ex in examples for i in ex.images.values())
+            notes.append(f"{cfg.name}/{split}: {len(ids) - before} new test image ids")
+    id_file = registry.clean_id_files.get(domain)
+    if id_file:
+        listed = read_json(id_file)
+        ids.update(str(i) for i in listed)
+        notes.append(f"{id_file}: {len(listed)} ids")
+    return ids, notes
+
+
+def clean_train_split(examples: list[TaskExample], excluded: set[str]) -> tuple[list[TaskExample], int]:
+    """Drops examples with any image in `excluded`; returns (kept, number dropped)."""
+    kept = [ex for ex in examples if not any(str(i) in excluded for i in ex.images.values())]
+    return kept, len(examples) - len(kept)
+
+
+def is_train_split(cfg: TaskConfig, split: str) -> bool:
+    """The registry's train split and any split named like one (the original: "train" in name)."""
+    return split == cfg.splits.train or "train" in split
+
+
+# ------------------------------------------------------------------------------ driver
+def load_or_build_assets(family: TaskFamily, cfg: TaskBuildConfig) -> dict[str, Any]:
+    url = join_path(family.config.shards, "assets.json")
+    if not cfg.rebuild_assets and storage.exists(url, cfg.storage_options):
+        assets = json.loads(storage.read_bytes(url, cfg.storage_options))
+    else:
+        train = family.read_annotations(family.config.splits.train)
+        assets = family.build_assets(train)
+        storage.write_bytes(url, (json.dumps(assets, indent=1, ensure_ascii=False) + "\n").encode(), cfg.storage_options)
+    family.set_assets(assets)
+    return assets
+
+
+def build_split(family: TaskFamily, split: str, cfg: TaskBuildConfig, excluded: set[str] | None) -> dict[str, Any]:
+    t0 = time.time()
+    tcfg = family.config
+    examples = family.read_annotations(split)
+    read = len(examples)
+    cleaned = 0
+    if excluded is not None and is_train_split(tcfg, split):
+        examples, cleaned = clean_train_split(examples, excluded)
+    if not examples:
+        raise ValueError(f"task {tcfg.name!r} split {split!r}: no examples left ({read} read, {cleaned} removed by "
+                         f"clean_train_sets)")
+    examples = family.finalize_examples(examples, split)
+    output = tcfg.split_dir(split)
+    writer = TaskSetWriter(output, split, cfg.max_count, cfg.storage_options)
+    joined, missing = join_features(examples, family.image_slots, tcfg.features, cfg.storage_options)
+    written = 0
+    for example, images in joined:
+        writer.write(example.key, sample_members(tcfg.name, split, example, images), int(images[""].features.shape[0]))
+        written += 1
+    n_missing = sum(len(v) for v in missing.values())
+    if n_missing and not cfg.allow_missing:
+        writer.close({})  # leaves a consistent (partial) set behind, the error says what is missing
+        detail = "; ".join(f"{src} ({tcfg.features[src]}): {sorted(ids)[:10]}{' ...' if len(ids) > 10 else ''}"
+                           for src, ids in missing.items())
+        raise ValueError(f"task {tcfg.name!r} split {split!r}: {n_missing} image(s) referenced by the annotations are "
+                         f"not in the feature sets: {detail} (--allow-missing drops those examples, counted)")
+    summary = dict(task=tcfg.name, split=split, examples_read=read, removed_by_clean_train_sets=cleaned,
+                   missing_images=n_missing, dropped_for_missing_images=len(examples) - written, samples=written,
+                   seconds=round(time.time() - t0, 2))
+    build_args = dict(format=tcfg.format, family=tcfg.family, annotations=tcfg.annotations, features=tcfg.features,
+                      max_count=cfg.max_count, **{k: v for k, v in summary.items() if k != "seconds"})
+    summary["manifest"] = writer.close(build_args)
+    log.info("task %s split %s: %d samples (%d annotations, %d removed by clean_train_sets, %d missing images)",
+             tcfg.name, split, written, read, cleaned, n_missing)
+    return summary
+
+
+def build_task(registry: Registry, task: str, cfg: TaskBuildConfig | None = None) -> dict[str, Any]:
+    """Builds the task shards of one task; returns (and writes to `{shards}/build.json`) a summary."""
+    cfg = cfg or TaskBuildConfig()
+    tcfg = registry.resolve(task)
+    family = build_family(tcfg)
+    splits = cfg.splits or tcfg.splits.all()
+    assets = load_or_build_assets(family, cfg)
+    clean = registry.clean_train_sets if cfg.clean_train_sets is None else cfg.clean_train_sets
+    excluded, notes = (test_image_ids(registry, tcfg.image_domain) if clean and any(is_train_split(tcfg, s) for s in splits)
+                       else (None, []))
+    summaries = [build_split(family, split, cfg, excluded) for split in splits]
+    report = dict(task=tcfg.name, splits=summaries, clean_train_sets=bool(clean), excluded_test_images=len(excluded or ()),
+                  clean_notes=notes, assets={k: (len(v) if isinstance(v, list) else v) for k, v in assets.items()})
+    storage.write_bytes(join_path(tcfg.shards, "build.json"), (json.dumps(report, indent=1) + "\n").encode(),
+                        cfg.storage_options)
+    return report
+
+
+# ------------------------------------------------------------------------------ CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, action="append", help="task name/title/id (repeatable, or comma list)")
+    p.add_argument("--registry", default=None, help="tasks.yaml (default: the packaged registry)")
+    p.add_argument("--data-root", default=None, help="replaces {data_root} in tasks.yaml paths")
+    p.add_argument("--splits", default=None, help="comma list (default: the task's train, val and test splits)")
+    p.add_argument("--max-count", type=int, default=1000, help="samples per tar")
+    p.add_argument("--no-clean-train-sets", action="store_true", help="keep test-split images in train splits")
+    p.add_argument("--allow-missing", action="store_true", help="drop (and count) examples whose image has no features")
+    p.add_argument("--rebuild-assets", action="store_true", help="rebuild the answer vocabulary / task assets")
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    registry = load_registry(args.registry, data_root=args.data_root)
+    cfg = TaskBuildConfig(splits=args.splits, max_count=args.max_count,
+                          clean_train_sets=False if args.no_clean_train_sets else None,
+                          allow_missing=args.allow_missing, rebuild_assets=args.rebuild_assets)
+    names = [n for spec in args.task for n in spec.split(",") if n]
+    for name in names:
+        report = build_task(registry, name, cfg)
+        for s in report["splits"]:
+            print(f"{s['task']}/{s['split']}: {s['samples']} samples ({s['examples_read']} examples read, "
+                  f"{s['removed_by_clean_train_sets']} removed by clean_train_sets, {s['missing_images']} missing images) "
+                  f"-> {s['manifest']}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m vilbert_ds.tasks.build", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
