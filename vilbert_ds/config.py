@@ -71,7 +71,7 @@ class TrainSection:
     output_dir: str = "runs/pretrain"  # checkpoints/, metrics.jsonl/csv, tensorboard/, wandb/, config copies
     epochs: int = 10  # schedule length in epochs of the training loader (the original: 10)
     total_steps: int | None = None  # schedule length in optimizer updates; overrides `epochs`
-    stop_after_steps: int | None = None  # end this run (with a checkpoint) after N updates; the schedule stays
+    stop_at_step: int | None = None  # end this run (with a checkpoint) at update N; the schedule stays as long
     save_every: int = 1000  # optimizer updates between checkpoints (and one at the end)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after `latest` moves on
     seed: int = 42  # the original's pretraining seed
@@ -86,7 +86,7 @@ class TrainSection:
         for name in ("epochs", "save_every", "keep_last", "check_stop_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1")
-        for name in ("total_steps", "stop_after_steps"):
+        for name in ("total_steps", "stop_at_step"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"train.{name}={value}: must be >= 1 (or null)")

@@ -427,6 +427,51 @@ def engine_float_dtype(engine) -> torch.dtype:
     return torch.float32
 
 
+def base_optimizer(engine):
+    """The innermost torch optimizer (FusedAdam / DeepSpeedCPUAdam) under DeepSpeed's wrappers."""
+    opt = engine.optimizer
+    for _ in range(4):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or inner is opt:
+            break
+        opt = inner
+    return opt
+
+
+def replay_cpu_adam_steps(engine) -> int:
+    """Make a resumed run's CPU Adam kernels bitwise identical to an uninterrupted run's.
+
+    DeepSpeed's CPU Adam kernels (FusedAdam on the CPU accelerator and DeepSpeedCPUAdam) cache
+    beta^t inside the C++ op and update it by one multiplication per step; a process that
+    starts at step t computes pow(beta, t) instead, which differs in the last bit and makes
+    the resumed trajectory drift by ~1e-7. Replaying steps 1..t on a 1-element scratch tensor
+    (lr 0) rebuilds the cache exactly as the uninterrupted run built it. The CUDA kernels
+    compute the bias correction per call and need nothing. Returns the steps replayed.
+    """
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    opt = base_optimizer(engine)
+    steps = max((int(s.get("step", 0)) for s in opt.state.values() if isinstance(s, dict)), default=0)
+    if steps <= 0:
+        return 0
+    is_cpu_fused = isinstance(opt, FusedAdam) and get_accelerator().device_name() == "cpu"
+    if not (is_cpu_fused or isinstance(opt, DeepSpeedCPUAdam)):
+        return 0
+    group = opt.param_groups[0]
+    beta1, beta2 = group["betas"]
+    bias_correction = 1 if group.get("bias_correction", True) else 0
+    p, g, m, v = (torch.zeros(1) for _ in range(4))
+    for step in range(1, steps + 1):
+        if isinstance(opt, DeepSpeedCPUAdam):
+            opt.ds_opt_adam.adam_update(opt.opt_id, step, 0.0, beta1, beta2, group["eps"], 0.0, bias_correction,
+                                        p, g, m, v)
+        else:
+            opt.multi_tensor_adam(2048 * 32, opt._dummy_overflow_buf, [[g], [p], [m], [v]], 0.0, beta1, beta2,
+                                  group["eps"], step, opt.adam_w_mode, bias_correction, 0.0)
+    return steps
+
+
 # ================================================================ checkpoint conversions
 def convert_to_universal(checkpoint_dir: str | os.PathLike, tag: str, output_tag: str | None = None) -> str:
     """Convert `checkpoint_dir/tag` (ZeRO 1/2/3) into a DeepSpeed universal checkpoint
