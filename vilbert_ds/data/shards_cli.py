@@ -82,6 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s = sub.add_parser("synth", help="write synthetic learnable region features in a real input format")
     synthetic.add_arguments(s)
 
+    from ..tasks import build as task_build  # owned by the tasks area (docs/TASKS.md)
+
+    t = sub.add_parser("task", help="build 12-in-1 task shards: public annotations joined with feature shards")
+    task_build.add_arguments(t)
+
 
 def _builder(args):
     from .formats import Captions, open_input
@@ -105,6 +110,10 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.action == "synth":
         return synthetic.main(args)
+    if args.action == "task":
+        from ..tasks import build as task_build
+
+        return task_build.main(args)
     if args.action == "build":
         summary = _builder(args).run()
         print(summary.line())
