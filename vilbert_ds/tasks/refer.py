@@ -1,0 +1,213 @@
+"""V-logit: referring expressions (RefCOCO, RefCOCO+ with the `unc` splits, RefCOCOg `umd`).
+
+One example per referring sentence. The model scores every region with `vision_logit`
+(Linear 1024 -> 1 per region, -10000 on padded regions); the target of a region is its IoU with
+the referred box.
+- Training split (the original): region rows are the detected boxes plus the image's GT boxes
+  (slot "gt"; the GT set's own global entry does not exist in vilbert-ds shards, see
+  `grounding.py`), rows = global + detected + GT truncated to `max_region_num` from the end;
+  targets are IoUs zeroed below `options.iou_threshold` (0.5).
+- Other splits: detected boxes only, targets are the raw IoUs. (Their shards still carry the GT
+  boxes, a few KB per sample: the task shard builder joins every image slot of a family.)
+Loss: BCEWithLogits(mean over [B, R]) x R (= the per-example sum; padded rows add 0), the
+original's. Metric: accuracy = IoU(argmax region, referred box) > 0.5, over every row including
+the global region (as the original).
+
+Public format (the `refer` toolkit's files, in the task's `annotations` directory):
+- `refs(unc).p` / `refs(umd).p`: a Python pickle of a list of refs
+  `{ref_id, ann_id, image_id, split, sentences: [{sent_id, raw, sent, tokens}], sent_ids, category_id}`.
+  **Pickles are parsed safely**: a restricted unpickler accepts only plain lists, dicts,
+  strings and numbers and refuses any class or function reference (the only way a pickle runs
+  code), so no trust flag is needed; anything else is an error naming the file.
+- `instances.json`: COCO-style `{images, annotations: [{id, image_id, bbox: [x, y, w, h]}], categories}`;
+  the referred box is the annotation `ann_id` of the ref.
+Splits: refcoco/refcoco+ `train, val, testA, testB`; refcocog (umd) `train, val, test`.
+Prediction file: `[{"sent_id", "ref_id", "image_id", "bbox": [x, y, w, h], "iou", "correct"}]`
+(no public server exists for RefCOCO*; this is what the original's `eval_tasks.py` reports, with
+the box instead of the region index).
+
+IoU uses continuous coordinates (`metrics.box_iou`); the original adds 1 pixel to widths and
+heights, which changes IoUs of 100-pixel boxes by about 1%.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .base import TaskBatch, TaskExample, TaskFamily, collate_rows, join_path, pad_stack, read_json
+from .grounding import GT_SLOT, iou_targets, region_rows, xywh_to_xyxy
+
+REFER_FORMATS = {"refcoco_unc": ("refcoco", "unc"), "refcoco+_unc": ("refcoco+", "unc"),
+                 "refcocog_umd": ("refcocog", "umd"), "refcocog_google": ("refcocog", "google")}
+
+
+# ------------------------------------------------------------------------------ safe pickle
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads only plain data: every GLOBAL/STACK_GLOBAL (class, function) is refused, which is
+    what makes loading an untrusted pickle safe (no object can be constructed, no code run)."""
+
+    def __init__(self, file, where: str):
+        super().__init__(file, encoding="latin1")  # Python 2 `str` -> text; fixed below if it was UTF-8
+        self.where = where
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(
+            f"{self.where}: refers to {module}.{name}; only plain lists, dicts, strings and numbers are accepted "
+            f"from annotation pickles (refusing to construct objects)"
+        )
+
+
+def _fix_text(value: Any) -> Any:
+    """Python 2 byte strings holding UTF-8 arrive as latin-1 mojibake; repair them."""
+    if isinstance(value, str):
+        try:
+            return value.encode("latin1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [_fix_text(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_fix_text(v) for v in value)
+    if isinstance(value, dict):
+        return {_fix_text(k): _fix_text(v) for k, v in value.items()}
+    return value
+
+
+def load_plain_pickle(path: str) -> Any:
+    """A pickle of plain data (any protocol, Python 2 or 3) from a local path or fsspec URL."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb").open() as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file {path} does not exist") from None
+    try:
+        return _fix_text(_PlainUnpickler(io.BytesIO(data), path).load())
+    except pickle.UnpicklingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt pickles raise EOFError, ValueError, ...
+        raise ValueError(f"annotation file {path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+
+
+# ------------------------------------------------------------------------------ batch
+@dataclass
+class ReferBatch(TaskBatch):
+    target: torch.Tensor | None = None  # [B, R] float32 IoU per region (0 on padded regions)
+    boxes: torch.Tensor | None = None  # [B, R, 4] float32 absolute x1 y1 x2 y2 of each region row
+    info: list[dict[str, Any]] = field(default_factory=list)  # per example: sent_id, ref_id, image_id
+
+
+class ReferFamily(TaskFamily):
+    family = "refer"
+    formats = tuple(REFER_FORMATS)
+    heads = ("vision_logit",)
+    image_slots = {"": "regions", GT_SLOT: "gt"}
+    batch_type = ReferBatch
+
+    @dataclass
+    class Options:
+        train_gt_boxes: bool = True  # add the GT boxes as regions on the training split (the original)
+        iou_threshold: float = 0.5  # training targets below this IoU are 0; accuracy needs IoU > this
+
+        def __post_init__(self) -> None:
+            if not 0.0 < self.iou_threshold < 1.0:
+                raise ValueError(f"iou_threshold={self.iou_threshold} must be in (0, 1)")
+
+    # ------------------------------------------------------------------ annotations
+    @property
+    def refs_file(self) -> str:
+        return f"refs({REFER_FORMATS[self.config.format][1]}).p"
+
+    def read_annotations(self, split: str) -> list[TaskExample]:
+        root = self.config.annotations
+        refs_path = join_path(root, self.refs_file)
+        inst_path = join_path(root, "instances.json")
+        refs = load_plain_pickle(refs_path)
+        if not isinstance(refs, list):
+            raise ValueError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
+        anns = {int(a["id"]): a for a in read_json(inst_path)["annotations"]}
+        known_splits = sorted({str(r.get("split")) for r in refs})
+        train = split == self.config.splits.train
+        out: list[TaskExample] = []
+        for ref in refs:
+            if str(ref.get("split")) != split:
+                continue
+            ann_id = int(ref["ann_id"])
+            if ann_id not in anns:
+                raise ValueError(f"{refs_path}: ref {ref.get('ref_id')} names annotation {ann_id}, absent from {inst_path}")
+            ann = anns[ann_id]
+            image = str(ref["image_id"])
+            if str(ann["image_id"]) != image:
+                raise ValueError(f"{refs_path}: ref {ref.get('ref_id')} is on image {image} but annotation {ann_id} "
+                                 f"of {inst_path} is on image {ann['image_id']}")
+            box = xywh_to_xyxy(ann["bbox"])
+            # every split carries the GT boxes (the builder joins every slot of `image_slots`);
+            # only training uses them as regions
+            images = {"": image, GT_SLOT: image}
+            for sent in ref["sentences"]:
+                sent_id = int(sent["sent_id"])
+                payload = {"sent_id": sent_id, "ref_id": int(ref["ref_id"]), "ann_id": ann_id, "image_id": image,
+                           "text": sent["raw"], "ref_box": box, "train_targets": train}
+                out.append(TaskExample(str(sent_id), dict(images), payload))
+        if not out and split not in known_splits:
+            raise ValueError(f"task {self.name!r}: {refs_path} has no split {split!r}; its splits: {known_splits}")
+        return out
+
+    # ------------------------------------------------------------------ workers
+    def preprocess(self, sample: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        task = self.task_record(sample)
+        train = bool(task.get("train_targets")) and self.options.train_gt_boxes
+        rows = region_rows(sample, self.config.max_region_num, with_gt=train)
+        target = iou_targets(rows.boxes, task["ref_box"], self.options.iou_threshold if train else None)
+        return {"key": sample["__key__"], "texts": [self.encode(task["text"])], "images": [(rows.feat, rows.loc)],
+                "target": target, "boxes": rows.boxes,
+                "info": {"sent_id": task["sent_id"], "ref_id": task["ref_id"], "image_id": task["image_id"]}}
+
+    def collate(self, examples: Sequence[Mapping[str, Any]]) -> ReferBatch:
+        fields = collate_rows(examples, self.config.id)
+        regions = fields["image_feat"].size(1)
+        target = torch.from_numpy(pad_stack([ex["target"] for ex in examples], regions))
+        boxes = torch.from_numpy(pad_stack([ex["boxes"] for ex in examples], regions))
+        return ReferBatch(**fields, target=target, boxes=boxes, info=[dict(ex["info"]) for ex in examples],
+                          task=self.name)
+
+    # ------------------------------------------------------------------ step
+    @staticmethod
+    def region_logits(output) -> torch.Tensor:
+        """vision_logit [B, R, 1] -> [B, R] float32."""
+        return output.vision_logit[..., 0].float()
+
+    def loss(self, output, batch: ReferBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.region_logits(output)
+        target = batch.target.to(logits.device)
+        loss = self.bce_loss(logits, target, scale_by_labels=True)  # mean over [B, R] x R
+        with torch.no_grad():
+            picked = target.gather(1, logits.argmax(dim=1, keepdim=True))[:, 0]
+            score = (picked > self.options.iou_threshold).float().mean()
+        return loss, {"score": score}
+
+    def score(self, output, batch: ReferBatch) -> dict[str, dict[str, Any]]:
+        logits = self.region_logits(output)
+        idx = logits.argmax(dim=1).cpu()
+        iou = batch.target.float().gather(1, idx[:, None])[:, 0]
+        boxes = batch.boxes[torch.arange(idx.numel()), idx].tolist()
+        out = {}
+        for key, i, v, box, info in zip(batch.keys, idx.tolist(), iou.tolist(), boxes, batch.info):
+            correct = v > self.options.iou_threshold
+            out[str(key)] = {"score": float(correct), "prediction": int(i), "iou": round(float(v), 6),
+                             "box": [round(float(c), 2) for c in box], **info}
+        return out
+
+    def prediction_entry(self, example_id: str, record: Mapping[str, Any]) -> dict[str, Any]:
+        x1, y1, x2, y2 = record["box"]
+        return {"sent_id": int(record["sent_id"]), "ref_id": int(record["ref_id"]), "image_id": record["image_id"],
+                "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], "iou": record["iou"],
+                "correct": bool(record["score"])}
