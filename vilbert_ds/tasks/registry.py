@@ -19,6 +19,10 @@ from typing import Any, Mapping
 import yaml
 
 from .base import TaskFamily
+from .pointing import PointingFamily
+from .refer import ReferFamily
+from .retrieval import RetrievalFamily
+from .vcr import VCRFamily
 from .vl_binary import VLBinaryFamily
 from .vl_classifier import VLClassifierFamily
 from .vl_tri import VLTriFamily
@@ -30,6 +34,10 @@ FAMILIES: dict[str, type[TaskFamily]] = {
     "vl_classifier": VLClassifierFamily,
     "vl_tri": VLTriFamily,
     "vl_binary": VLBinaryFamily,
+    "refer": ReferFamily,
+    "pointing": PointingFamily,
+    "retrieval": RetrievalFamily,
+    "vcr": VCRFamily,
 }
 
 HEADS = ("vil_prediction", "vil_prediction_gqa", "vil_binary_prediction", "vil_logit", "vil_tri_prediction",
