@@ -409,7 +409,8 @@ def build_engine(
 
     from .ops import ensure_ops
 
-    ensure_ops()
+    # only the op this config uses: FusedAdam, or CPUAdam when the optimizer is offloaded
+    ensure_ops(("CPUAdamBuilder",) if settings.offload_optimizer != "none" else ("FusedAdamBuilder",))
     config = copy.deepcopy(settings.config)
     config["optimizer"]["params"].setdefault("torch_adam", False)
     if load_universal:

@@ -136,29 +136,34 @@ class Trainer:
             self.loader.load_state_dict(rank_state["loader"])
             restore_rng(rank_state["rng"])
         else:
-            # Another number of ranks: each rank's stream of batches differs, so resume the
-            # epoch at the same fraction consumed (sample-exactness is only promised on the same
-            # world size); RNG streams restart from (seed, step, rank).
-            old = t["loader"]
-            self.loader.set_epoch(self.state.epoch)
-            loader_state = self._rescale_loader_state(old, int(t["world_size"]), t["batch_sizes"]["micro"])
-            if loader_state is not None:
-                self.loader.load_state_dict(loader_state)
-            torch.manual_seed(hash((self.state.step, self.rank)) % 2**31)
-            log.warning("resumed on %d ranks from a %d-rank checkpoint: data position approximated",
-                        self.world_size, t["world_size"])
+            # Another number of ranks: each rank's stream of batches differs, so the epoch resumes
+            # at the same share of samples consumed (sample-exactness is promised on the same
+            # world size only); dropout RNG streams restart from (seed, step, rank).
+            self._resume_rescaled(t)
+            torch.manual_seed((self.state.step * 1_000_003 + self.rank) % 2**31)
+            log.warning("resumed on %d ranks from a %d-rank checkpoint: data position rescaled to epoch %d, "
+                        "%d batches in", self.world_size, t["world_size"], self.state.epoch,
+                        self.loader.state_dict().get("consumed", self.loader.state_dict().get("batches_consumed", -1)))
 
-    def _rescale_loader_state(self, old: dict[str, Any], old_world: int, old_micro: int) -> dict[str, Any] | None:
+    def _resume_rescaled(self, t: dict[str, Any]) -> None:
+        old = t["loader"]
+        self.loader.set_epoch(self.state.epoch)
         fresh = self.loader.state_dict()
-        key = next((k for k in ("batches_consumed", "consumed", "batches") if k in old and k in fresh), None)
+        key = next((k for k in ("consumed", "batches_consumed") if k in old and k in fresh), None)
         if key is None:
-            return None
-        samples = int(old[key]) * old_micro * old_world
-        fresh[key] = min(len(self.loader), samples // max(1, self.batch.micro * self.world_size))
-        for k in ("epoch",):
-            if k in old and k in fresh:
-                fresh[k] = old[k]
-        return fresh
+            return
+        samples = int(old[key]) * int(t["batch_sizes"]["micro"]) * int(t["world_size"])
+        done = min(len(self.loader), samples // max(1, self.batch.micro * self.world_size))
+        fresh[key] = done
+        if "slots" in fresh:  # StreamingLoader: unconsumed batch ranges per worker slot
+            fresh["slots"] = [[[done, len(self.loader)]]]
+        try:
+            self.loader.load_state_dict(fresh)
+        except ValueError as e:
+            log.warning("the loader cannot resume mid-epoch on another world size (%s); starting epoch %d",
+                        e, self.state.epoch + 1)
+            self.state.epoch += 1
+            self.loader.set_epoch(self.state.epoch)
 
     def resume(self, plan: ResumePlan) -> None:
         client_state, rank_state = self.checkpoints.load(self.engine, plan)
