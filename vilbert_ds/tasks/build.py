@@ -210,7 +210,7 @@ class TaskSetWriter:
 
 
 # ------------------------------------------------------------------------------ clean_train_sets
-def test_image_ids(registry: Registry, domain: str) -> tuple[set[str], list[str]]:
+def held_out_image_ids(registry: Registry, domain: str) -> tuple[set[str], list[str]]:
     """Image ids of the `test` splits of every registry task of an image domain, plus the
     domain's id files. Returns (ids, notes) where notes say what was read or unavailable."""
     ids: set[str] = set()
@@ -308,7 +308,7 @@ def build_task(registry: Registry, task: str, cfg: TaskBuildConfig | None = None
     splits = cfg.splits or tcfg.splits.all()
     assets = load_or_build_assets(family, cfg)
     clean = registry.clean_train_sets if cfg.clean_train_sets is None else cfg.clean_train_sets
-    excluded, notes = (test_image_ids(registry, tcfg.image_domain) if clean and any(is_train_split(tcfg, s) for s in splits)
+    excluded, notes = (held_out_image_ids(registry, tcfg.image_domain) if clean and any(is_train_split(tcfg, s) for s in splits)
                        else (None, []))
     summaries = [build_split(family, split, cfg, excluded) for split in splits]
     report = dict(task=tcfg.name, splits=summaries, clean_train_sets=bool(clean), excluded_test_images=len(excluded or ()),

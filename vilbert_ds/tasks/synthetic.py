@@ -211,7 +211,7 @@ def _write_guesswhat(world: TaskWorld, root: Path, spec: SyntheticTaskSpec):
     qid = 1
     for part, images in parts.items():
         games = []
-        for g, image in enumerate(images):
+        for image in images:
             qas = []
             for k in range(spec.questions_per_image):
                 text, truth = world.statement([image], k)
@@ -219,9 +219,16 @@ def _write_guesswhat(world: TaskWorld, root: Path, spec: SyntheticTaskSpec):
                 qas.append({"question": text.replace("there is a", "is it a").rstrip(".") + "?", "answer": answer, "id": qid})
                 qid += 1
             rec = world.image(image)
-            games.append({"id": g, "qas": qas, "image": {"id": int(image), "width": rec.image_w, "height": rec.image_h,
-                                                         "file_name": f"COCO_{int(image):012d}.jpg"},
-                          "objects": [], "object_id": 0, "status": "success"})
+            objects = []
+            for j, (_, noun) in enumerate(world.objects(image)):  # one box per object, COCO xywh
+                x1, y1, x2, y2 = (float(v) for v in rec.boxes[j])
+                objects.append({"id": int(image) * 10 + j, "category": noun, "category_id": NOUNS.index(noun) + 1,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "segment": [],
+                                "iscrowd": False})
+            games.append({"id": int(image), "qas": qas, "image": {"id": int(image), "width": rec.image_w,
+                                                                   "height": rec.image_h,
+                                                                   "file_name": f"COCO_{int(image):012d}.jpg"},
+                          "objects": objects, "object_id": objects[0]["id"], "status": "success"})
         _dump(root / "annotations" / "guesswhat" / f"guesswhat.{part}.jsonl", games, lines=True)
     return {"coco": [i for v in parts.values() for i in v]}, {}
 
@@ -287,6 +294,39 @@ def make_synthetic_tasks(root: str | os.PathLike, tasks: list[str] | tuple[str, 
     path = root / "tasks.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path
+
+
+def text_only_baseline(registry, task: str) -> float:
+    """The best validation score a model that never sees the image can expect: for each text
+    (question, hypothesis, sentence) the training split's most frequent answer/label, else the
+    overall most frequent one. Scored with the task's metric (VQA accuracy or accuracy)."""
+    from collections import Counter, defaultdict
+
+    from .metrics import normalize_vqa_answer, vqa_accuracy
+    from .registry import build_family
+
+    cfg = registry.resolve(task)
+    family = build_family(cfg)
+    train, val = family.read_annotations(cfg.splits.train), family.read_annotations(cfg.splits.val)
+    classifier = cfg.family == "vl_classifier"
+
+    def text_of(ex):
+        return ex.payload["question"].lower() if classifier else ex.payload["text"].lower()
+
+    def label_of(ex):
+        return normalize_vqa_answer(ex.payload["answer"]) if classifier else ex.payload["label"]
+
+    by_text: dict[str, Counter] = defaultdict(Counter)
+    overall: Counter = Counter()
+    for ex in train:
+        by_text[text_of(ex)][label_of(ex)] += 1
+        overall[label_of(ex)] += 1
+    scores = []
+    for ex in val:
+        counts = by_text.get(text_of(ex)) or overall
+        guess = counts.most_common(1)[0][0]
+        scores.append(vqa_accuracy(guess, ex.payload["answers"]) if classifier else float(guess == ex.payload["label"]))
+    return float(np.mean(scores))
 
 
 def main(argv: list[str] | None = None) -> int:
