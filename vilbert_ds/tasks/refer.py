@@ -47,6 +47,10 @@ REFER_FORMATS = {"refcoco_unc": ("refcoco", "unc"), "refcoco+_unc": ("refcoco+",
 
 
 # ------------------------------------------------------------------------------ safe pickle
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle refers to a class or function: refused, nothing was constructed."""
+
+
 class _PlainUnpickler(pickle.Unpickler):
     """Loads only plain data: every GLOBAL/STACK_GLOBAL (class, function) is refused, which is
     what makes loading an untrusted pickle safe (no object can be constructed, no code run)."""
@@ -56,7 +60,7 @@ class _PlainUnpickler(pickle.Unpickler):
         self.where = where
 
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(
+        raise UnsafePickleError(
             f"{self.where}: refers to {module}.{name}; only plain lists, dicts, strings and numbers are accepted "
             f"from annotation pickles (refusing to construct objects)"
         )
@@ -91,9 +95,9 @@ def load_plain_pickle(path: str) -> Any:
         raise FileNotFoundError(f"annotation file {path} does not exist") from None
     try:
         return _fix_text(_PlainUnpickler(io.BytesIO(data), path).load())
-    except pickle.UnpicklingError:
+    except UnsafePickleError:
         raise
-    except Exception as exc:  # noqa: BLE001 - truncated/corrupt pickles raise EOFError, ValueError, ...
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt pickles raise UnpicklingError, EOFError, ...
         raise ValueError(f"annotation file {path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
 
 

@@ -9,7 +9,7 @@ becomes 4 model rows, made in `collate`:
   3. a random other image + the same caption;
   4. the same image + a *hard-negative* caption (training split) / a random caption (other splits).
 `vil_logit` [4B, 1] is reshaped to [B, 4]; loss = cross-entropy with target 0; score = 4-way
-accuracy. "Random" partners (options 2, 3, and 4 outside training) are drawn from the other
+accuracy (ties count as wrong: the answer is always option 0, which torch.max picks on ties). "Random" partners (options 2, 3, and 4 outside training) are drawn from the other
 examples of the same micro-batch (the stream is shuffled, so they are random examples of the
 split; draws come from each example's (seed, epoch, key) generator). A micro-batch in which every
 caption belongs to one image has no partner: the affected option falls back to a hard-negative
@@ -121,6 +121,17 @@ def _dense_rows(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
     dense = torch.zeros(end - start, x.size(1), dtype=x.dtype)
     dense[idx[0, keep] - start, idx[1, keep]] = x.values()[keep]
     return dense
+
+
+def strictly_correct(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """logits [B, K], label [B] -> [B] bool: the labelled option scores strictly above every other.
+
+    Ties count as wrong (torch.max would pick the first option, so a collapsed model that gives
+    every option the same logit would score 100% on retrieval, whose answer is always option 0)."""
+    safe = label.clamp(min=0)
+    gold = logits.gather(1, safe[:, None])
+    others = logits.scatter(1, safe[:, None], float("-inf"))
+    return (gold[:, 0] > others.max(dim=1).values) & (label >= 0)
 
 
 def stable_rng(*parts: Any) -> np.random.Generator:
@@ -325,12 +336,12 @@ class RetrievalFamily(TaskFamily):
         label = batch.label.to(logits.device)
         loss = F.cross_entropy(logits, label)
         with torch.no_grad():
-            score = (logits.argmax(dim=1) == label).float().mean()
+            score = strictly_correct(logits, label).float().mean()
         return loss, {"score": score}
 
     def score(self, output, batch: RetrievalBatch) -> dict[str, dict[str, Any]]:
         logits = self.option_logits(output, batch).cpu()
-        correct = (logits.argmax(dim=1) == batch.label).tolist()
+        correct = strictly_correct(logits, batch.label).tolist()
         return {str(k): {"score": float(c), "prediction": bool(c), "image_id": img}
                 for k, c, img in zip(batch.keys, correct, batch.image_ids)}
 
@@ -348,6 +359,11 @@ class RetrievalFamily(TaskFamily):
         return path
 
     # ------------------------------------------------------------------ ranking evaluation
+    def evaluate_split(self, model: torch.nn.Module, loader: Iterable[RetrievalBatch], device: torch.device | str, *,
+                       float_dtype: torch.dtype = torch.float32, zero_shot: bool = False) -> RankingMetric:
+        """The standard retrieval metric of a split (`vilbert-ds eval`): `evaluate_ranking`."""
+        return self.evaluate_ranking(model, loader, device=device, float_dtype=float_dtype, zero_shot=zero_shot)
+
     @torch.no_grad()
     def evaluate_ranking(self, model: torch.nn.Module, batches: Iterable[RetrievalBatch], *,
                          device: torch.device | str = "cpu", float_dtype: torch.dtype | None = None,

@@ -3,7 +3,8 @@
 One example per question; its 4 choices become 4 model rows in `collate` (text
 `[CLS] context [SEP] choice [SEP]`, segment 0 up to the first [SEP], 1 after; the image rows
 replicated per choice). `vil_logit` [4B, 1] -> [B, 4]; loss = cross-entropy with the gold choice
-(unlabelled test examples are ignored); metric = accuracy of the argmax.
+(unlabelled test examples are ignored); metric = accuracy of the argmax (a tie with the gold
+choice counts as wrong).
 - `vcr_q_a`: context = the question, choices = `answer_choices`, gold = `answer_label`.
 - `vcr_qa_r`: context = question [SEP] gold answer (segment 0), choices = `rationale_choices`,
   gold = `rationale_label`. On the unlabelled test split each annotation gives 4 examples, one
@@ -29,13 +30,21 @@ Public format (the task's `annotations` directory): `{train,val,test}.jsonl` wit
 `rationale_choices`, `answer_label`, `rationale_label` (absent on test), and
 `unisex_names_table.csv` (column 1 = name). Predictions: Q->A `[{"annot_id", "answer_probs"}]`,
 QA->R `[{"annot_id", "conditioned_on", "rationale_probs"}]`; leaderboard CSV `annot_id,
-answer_0..3, rationale_conditioned_on_a{i}_{j}`.
+answer_0..3, rationale_conditioned_on_a{i}_{j}`. From `vilbert-ds eval` prediction files:
+
+    python -m vilbert_ds.tasks.vcr q-ar --qa eval/vcr_q_a_val_predictions.json \
+        --qar eval/vcr_qa_r_val_predictions.json --annotations data/annotations/vcr/val.jsonl
+    python -m vilbert_ds.tasks.vcr leaderboard --qa eval/vcr_q_a_test_predictions.json \
+        --qar eval/vcr_qa_r_test_predictions.json --out vcr_test.csv
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import io
+import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -47,6 +56,7 @@ import torch.nn.functional as F
 from .base import TaskBatch, TaskExample, TaskFamily, collate_rows, join_path, open_text, read_jsonl
 from .grounding import GT_SLOT, region_rows
 from .metrics import TaskMetric
+from .retrieval import strictly_correct
 
 NUM_CHOICES = 4
 NAMES_FILE = "unisex_names_table.csv"
@@ -183,16 +193,18 @@ class VCRFamily(TaskFamily):
             return logits.sum() * 0.0, {"score": logits.new_zeros(())}
         loss = F.cross_entropy(logits, label, ignore_index=-1)
         with torch.no_grad():
-            score = (logits.argmax(dim=1) == label)[labelled].float().mean()
+            score = strictly_correct(logits, label)[labelled].float().mean()
         return loss, {"score": score}
 
     def score(self, output, batch: ChoiceBatch) -> dict[str, dict[str, Any]]:
         logits = self.choice_logits(output, batch).cpu()
         probs = torch.softmax(logits, dim=1)
         pred = logits.argmax(dim=1)
+        correct = strictly_correct(logits, batch.label)
         out = {}
-        for key, p, g, pr, info in zip(batch.keys, pred.tolist(), batch.label.tolist(), probs.tolist(), batch.info):
-            out[str(key)] = {"score": float(p == g) if g >= 0 else None, "prediction": int(p),
+        for key, p, g, ok, pr, info in zip(batch.keys, pred.tolist(), batch.label.tolist(), correct.tolist(), probs.tolist(),
+                                           batch.info):
+            out[str(key)] = {"score": float(ok) if g >= 0 else None, "prediction": int(p),
                              "probs": [round(float(x), 6) for x in pr], **info}
         return out
 
@@ -221,24 +233,25 @@ def q_ar_accuracy(qa: TaskMetric | Mapping[str, Mapping[str, Any]],
             "count": float(len(both))}
 
 
-def write_leaderboard_csv(qa: TaskMetric, qar: TaskMetric, path: str | os.PathLike) -> Path:
+def write_leaderboard_csv(qa: TaskMetric | str | os.PathLike, qar: TaskMetric | str | os.PathLike,
+                          path: str | os.PathLike) -> Path:
     """The VCR leaderboard submission: per annotation the 4 answer probabilities and, for each
-    answer i, the 4 rationale probabilities conditioned on it (from the test split records)."""
-    rationale: dict[tuple[str, int], list[float]] = {}
-    for rec in qar.records.values():
-        rationale[(rec["annot_id"], int(rec["conditioned_on"]))] = rec["probs"]
+    answer i, the 4 rationale probabilities conditioned on it. Inputs: the two tasks' test-split
+    metrics, or their prediction files (`vilbert-ds eval --split test`)."""
+    answers = {str(e["annot_id"]): e["answer_probs"] for e in _entries(qa, "answer_probs")}
+    rationale = {(str(e["annot_id"]), int(e["conditioned_on"])): e["rationale_probs"]
+                 for e in _entries(qar, "rationale_probs")}
     header = ["annot_id"] + [f"answer_{j}" for j in range(NUM_CHOICES)] + [
         f"rationale_conditioned_on_a{i}_{j}" for i in range(NUM_CHOICES) for j in range(NUM_CHOICES)]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
-    for rec in sorted(qa.records.values(), key=lambda r: r["annot_id"]):
-        annot = rec["annot_id"]
+    for annot in sorted(answers):
         missing = [i for i in range(NUM_CHOICES) if (annot, i) not in rationale]
         if missing:
             raise ValueError(f"VCR leaderboard: annotation {annot} has no QA->R record conditioned on answers {missing}; "
                              f"evaluate vcr_qa_r on the test split (4 conditioned examples per annotation)")
-        row = [annot, *rec["probs"]]
+        row = [annot, *answers[annot]]
         for i in range(NUM_CHOICES):
             row.extend(rationale[(annot, i)])
         writer.writerow(row)
@@ -248,3 +261,55 @@ def write_leaderboard_csv(qa: TaskMetric, qar: TaskMetric, path: str | os.PathLi
     tmp.write_text(buf.getvalue(), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def _entries(source: TaskMetric | str | os.PathLike, probs_key: str) -> list[dict[str, Any]]:
+    """Prediction entries from a metric (its records) or a prediction file written by `eval`."""
+    if isinstance(source, TaskMetric):
+        key = "rationale_probs" if probs_key == "rationale_probs" else "answer_probs"
+        return [{"annot_id": r["annot_id"], "conditioned_on": r.get("conditioned_on"), key: r["probs"]}
+                for r in source.records.values()]
+    entries = json.loads(Path(source).read_text(encoding="utf-8"))
+    if entries and probs_key not in entries[0]:
+        raise ValueError(f"{source}: entries have no {probs_key!r}; is it the other VCR task's prediction file?")
+    return entries
+
+
+def q_ar_from_files(qa_predictions: str | os.PathLike, qar_predictions: str | os.PathLike,
+                    annotations: str | os.PathLike) -> dict[str, float]:
+    """Q->A, QA->R, Q->AR from the two tasks' prediction files and the split's public jsonl
+    (the original's `script/VCR_Q_AR_evaluation.py`)."""
+    gold = {str(r["annot_id"]): (int(r["answer_label"]), int(r["rationale_label"]))
+            for r in read_jsonl(annotations) if "answer_label" in r}
+    qa = {str(e["annot_id"]): {"annot_id": str(e["annot_id"]),
+                               "score": float(int(np.argmax(e["answer_probs"])) == gold[str(e["annot_id"])][0])}
+          for e in _entries(qa_predictions, "answer_probs") if str(e["annot_id"]) in gold}
+    qar = {str(e["annot_id"]): {"annot_id": str(e["annot_id"]),
+                                "score": float(int(np.argmax(e["rationale_probs"])) == gold[str(e["annot_id"])][1])}
+           for e in _entries(qar_predictions, "rationale_probs")
+           if str(e["annot_id"]) in gold and e.get("conditioned_on") == gold[str(e["annot_id"])][0]}
+    return q_ar_accuracy(qa, qar)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vilbert_ds.tasks.vcr",
+                                description="VCR Q->AR accuracy and the leaderboard CSV from `vilbert-ds eval` prediction files")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("q-ar", help="Q->A, QA->R and Q->AR accuracy of a labelled split")
+    q.add_argument("--qa", required=True, help="vcr_q_a predictions (eval/vcr_q_a_val_predictions.json)")
+    q.add_argument("--qar", required=True, help="vcr_qa_r predictions (eval/vcr_qa_r_val_predictions.json)")
+    q.add_argument("--annotations", required=True, help="the split's public jsonl (val.jsonl)")
+    lb = sub.add_parser("leaderboard", help="the leaderboard CSV from the test-split predictions")
+    lb.add_argument("--qa", required=True)
+    lb.add_argument("--qar", required=True)
+    lb.add_argument("--out", required=True, help="CSV path")
+    args = p.parse_args(argv)
+    if args.command == "q-ar":
+        print(json.dumps(q_ar_from_files(args.qa, args.qar, args.annotations)))
+    else:
+        print(write_leaderboard_csv(args.qa, args.qar, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
