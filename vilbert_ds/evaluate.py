@@ -61,15 +61,23 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
     cfg = registry.resolve(args.task)
     split = args.split or cfg.splits.val
     model = load_eval_model(args.ckpt).eval()
-    if not model.config.with_task_heads:
+    if not model.config.with_task_heads and not args.zero_shot:
         raise ValueError(f"{args.ckpt}: the model has no task heads (a pretraining checkpoint); fine-tune it first")
     family = build_family(cfg, load_tokenizer(args.vocab or None))
+    # families whose standard metric is not per-batch (retrieval ranks every caption against
+    # every image) implement evaluate_split(model, loader, device, zero_shot=...)
+    evaluate_split = getattr(family, "evaluate_split", None)
+    if args.zero_shot and evaluate_split is None:
+        raise ValueError(f"task {cfg.name}: --zero-shot is for retrieval tasks (the pretraining alignment head)")
     data = TaskDataConfig(num_workers=args.workers)
     batch = args.batch_size or max(1, cfg.eval_batch_size // env.world_size)
     loader = EvalLoader(family, split, data, rank=env.rank, world_size=env.world_size, micro_batch_size=batch)
     start = time.perf_counter()
     device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    metric = evaluate_task(model.to(device), family, loader, device).gather()
+    if evaluate_split is not None:
+        metric = evaluate_split(model.to(device), loader, device, zero_shot=args.zero_shot)
+    else:
+        metric = evaluate_task(model.to(device), family, loader, device).gather()
     result = {**metric.result(), "seconds": round(time.perf_counter() - start, 2), "split_samples": float(loader.total)}
     if env.is_main:
         out = Path(args.out)
@@ -90,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="data loader workers per rank")
     parser.add_argument("--vocab", default="", help="vocab.txt / tokenizer directory (default: the local uncased vocab)")
     parser.add_argument("--out", default="eval", help="directory for the metrics and prediction files")
+    parser.add_argument("--zero-shot", action="store_true",
+                        help="retrieval: rank with the pretraining alignment head (a pretraining checkpoint works)")
 
 
 def main(args: argparse.Namespace) -> int:
