@@ -230,6 +230,9 @@ def build_pretrain_loader(cfg: DataConfig, *, split: str = "train", rank: int, w
     manifests = [s.manifest for s in sources]
     pool = cfg.caption_pool or next((m.caption_pool for m in manifests if m.caption_pool), None)
     collate = PretrainCollate(cfg, seed, pool, manifests[0].num_classes)
+    # load tokenizer and caption pool once here: forked workers inherit them (no per-worker,
+    # per-epoch reload), and a wrong vocab path or a missing pool fails before any worker starts
+    collate.setup()
     train = split == "train"
     return StreamingLoader(
         sources, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size, seed=seed, make_batch=collate,

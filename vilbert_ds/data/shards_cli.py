@@ -108,6 +108,18 @@ def _builder(args):
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .formats import InputError
+    from .manifest import ManifestError
+    from .sample import SampleError
+
+    try:
+        return _run(args)
+    except (InputError, ManifestError, SampleError) as e:
+        print(f"vilbert-ds shards {args.action}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.action == "synth":
         return synthetic.main(args)
     if args.action == "task":

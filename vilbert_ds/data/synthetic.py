@@ -9,19 +9,20 @@ present ("a photo of a red dog and a blue car"). So masked language modelling (t
 are predictable from the regions), masked-region KL (a masked region's class is predictable
 from its same-class neighbours and the caption) and image-text alignment all carry real signal.
 
-    python -m vilbert_ds.data.synthetic --out /tmp/syn --images 64 --format tsv
+    python -m vilbert_ds.data.synthetic --out /tmp/syn --images 64 --format tsv   # or cc-lmdb, lmdb-pickle, npz
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-from .formats import cc_image_id, write_tsv_row
+from .formats import cc_image_id, msgpack_dumps, write_tsv_row
 from .sample import FeatureRecord
 
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple", "pink", "brown", "gray", "silver")
@@ -135,7 +136,80 @@ def write_tsv(out_dir: str, spec: SyntheticSpec, *, files: int = 1, with_cls_pro
             "class_names": world.names, "num_images": len(items)}
 
 
-WRITERS = {"tsv": write_tsv}
+def write_cc_lmdb(out_dir: str, spec: SyntheticSpec, *, name: str = "training_feat_all.lmdb") -> dict[str, object]:
+    """The original CC pretraining LMDB, laid out as tensorpack's LMDBSerializer.save writes it:
+    a single-file LMDB (`name` + `name-lock`), keys `%08d`, msgpack lists with the types of the
+    original producer (num_boxes/image_h/image_w/image_id as strings from its CSV reader), and
+    `__keys__`. Also `caption_train.json` ({image_id: caption}, the negatives pool)."""
+    from .formats import _lmdb_open
+
+    os.makedirs(out_dir, exist_ok=True)
+    world = SyntheticWorld(spec)
+    items = list(world.images())
+    path = os.path.join(out_dir, name)
+    env = _lmdb_open(path, write=True, map_size=max(1 << 24, 4 * spec.num_images * spec.num_boxes * 15000))
+    keys = []
+    with env.begin(write=True) as txn:
+        for i, (r, _) in enumerate(items):
+            key = f"{i:08}".encode("ascii")
+            keys.append(key)
+            dp = [r.features.astype(np.float32), r.cls_prob.astype(np.float32), r.boxes.astype(np.float32),
+                  str(r.num_boxes), str(r.image_h), str(r.image_w), str(r.image_id), r.caption]
+            txn.put(key, msgpack_dumps(dp))
+        txn.put(b"__keys__", msgpack_dumps(keys))
+    env.sync()
+    env.close()
+    captions_json = os.path.join(out_dir, "caption_train.json")
+    write_captions(captions_json, None, items)
+    return {"features": [path], "captions_json": captions_json, "class_names": world.names, "num_images": len(items)}
+
+
+def write_pickle_lmdb(out_dir: str, spec: SyntheticSpec, *, name: str = "features.lmdb") -> dict[str, object]:
+    """A downstream-task feature LMDB as the original `script/convert_to_lmdb.py` writes it: an
+    LMDB directory of pickled dicts {image_id, image_h, image_w, num_boxes, boxes, features}
+    keyed by str(image_id), plus `keys`. No cls_prob. Captions go to captions.json."""
+    from .formats import _lmdb_open
+
+    os.makedirs(out_dir, exist_ok=True)
+    world = SyntheticWorld(spec)
+    items = list(world.images())
+    path = os.path.join(out_dir, name)
+    os.makedirs(path, exist_ok=True)
+    env = _lmdb_open(path, write=True, map_size=max(1 << 24, 4 * spec.num_images * spec.num_boxes * 10000))
+    ids = []
+    with env.begin(write=True) as txn:
+        for r, _ in items:
+            key = str(r.image_id).encode()
+            ids.append(key)
+            item = dict(image_id=int(r.image_id), image_h=r.image_h, image_w=r.image_w, num_boxes=r.num_boxes,
+                        boxes=r.boxes.astype(np.float32), features=r.features.astype(np.float32))
+            txn.put(key, pickle.dumps(item))
+        txn.put(b"keys", pickle.dumps(ids))
+    env.sync()
+    env.close()
+    captions_json = os.path.join(out_dir, "captions.json")
+    write_captions(captions_json, None, items)
+    return {"features": [path], "captions_json": captions_json, "class_names": world.names, "num_images": len(items)}
+
+
+def write_npz(out_dir: str, spec: SyntheticSpec) -> dict[str, object]:
+    """A directory of per-image .npz files (features, boxes, cls_prob, image_w, image_h, image_id)."""
+    world = SyntheticWorld(spec)
+    items = list(world.images())
+    feat_dir = os.path.join(out_dir, "npz")
+    os.makedirs(feat_dir, exist_ok=True)
+    for r, _ in items:
+        np.savez(os.path.join(feat_dir, f"{r.image_id}.npz"), features=r.features.astype(np.float32),
+                 boxes=r.boxes, cls_prob=r.cls_prob, image_w=np.int64(r.image_w), image_h=np.int64(r.image_h),
+                 image_id=np.str_(r.image_id))
+    captions_json = os.path.join(out_dir, "captions.json")
+    captions_cc = os.path.join(out_dir, "captions_cc.tsv")
+    write_captions(captions_json, captions_cc, items)
+    return {"features": [feat_dir], "captions_json": captions_json, "captions_cc": captions_cc,
+            "class_names": world.names, "num_images": len(items)}
+
+
+WRITERS = {"tsv": write_tsv, "cc-lmdb": write_cc_lmdb, "lmdb-pickle": write_pickle_lmdb, "npz": write_npz}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

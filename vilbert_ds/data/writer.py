@@ -108,24 +108,21 @@ def sample_bytes(members: list[tuple[str, bytes]]) -> int:
 class ShardBuilder:
     def __init__(self, inp: FeatureInput, captions: Captions | None, cfg: BuildConfig):
         self.inp, self.captions, self.cfg = inp, captions, cfg
-        if captions is None and cfg.missing_caption != "none":
-            raise ValueError("build: no captions given; pass --captions (JSON or CC TSV), or --missing-caption none "
-                             "for features without captions (task shards)")
         self.handles: list[Any] = []
         self.per_shard = 0
 
     # -- plan -------------------------------------------------------------------------------
     def _record_members(self, record) -> tuple[str, list[tuple[str, bytes]]] | None:
-        """(key, members) or None when the record is dropped by policy."""
-        if self.captions is not None:
-            caption = self.captions.get(record.image_id)
-            if caption is None:
-                if self.cfg.missing_caption == "fail":
-                    raise InputError(f"image {record.image_id}: no caption in {self.captions.source} "
-                                     f"(use --missing-caption skip to drop such images, counted)")
-                if self.cfg.missing_caption == "skip":
-                    return None
-            record.caption = caption
+        """(key, members) or None when the record is dropped by policy. A caption inside the
+        record (CC LMDB datapoints) wins; otherwise it is looked up by image id."""
+        if record.caption is None and self.captions is not None:
+            record.caption = self.captions.get(record.image_id)
+        if record.caption is None and self.cfg.missing_caption != "none":
+            if self.cfg.missing_caption == "fail":
+                where = f"in {self.captions.source}" if self.captions is not None else "(no --captions file given)"
+                raise InputError(f"image {record.image_id}: no caption {where}; use --missing-caption skip to drop "
+                                 f"such images (counted) or --missing-caption none for task features")
+            return None
         key = key_for(record.image_id)
         return key, encode(record, key, feature_dim=self.cfg.feature_dim)
 
@@ -179,6 +176,7 @@ class ShardBuilder:
             os.makedirs(tmp_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=tmp_dir)
         keys: list[str] = []
+        captions: list[str] = []
         dropped: list[str] = []
         nboxes: list[int] = []
         cls_widths: set[int | None] = set()
@@ -215,6 +213,8 @@ class ShardBuilder:
                     seen.add(key)
                     w.write_sample(key, members)
                     keys.append(key)
+                    if record.caption is not None:
+                        captions.append(record.caption)
                     nboxes.append(record.num_boxes)
                     cls_widths.add(None if record.cls_prob is None else int(record.cls_prob.shape[1]))
                 w.close()
@@ -226,6 +226,8 @@ class ShardBuilder:
                 regions=dict(min=min(nboxes, default=0), max=max(nboxes, default=0), sum=sum(nboxes)),
                 dropped=dropped,
             )
+            if self.captions is None and captions:  # inline captions: the manifest pools them for negatives
+                stats["captions"] = captions
             storage.put_file(tmp, url, cfg.storage_options)
             storage.write_bytes(stats_name(url), (json.dumps(stats, sort_keys=True) + "\n").encode(), cfg.storage_options)
             return stats
@@ -246,6 +248,7 @@ class ShardBuilder:
     def write_manifest(self) -> str:
         cfg = self.cfg
         shards, keys_seen, mins, maxs, total_boxes, widths = [], {}, [], [], 0, set()
+        inline_pool: list[str] = []
         for k in range(self.num_shards):
             url = self.shard_url(k)
             st = json.loads(storage.read_bytes(stats_name(url), cfg.storage_options))
@@ -258,13 +261,17 @@ class ShardBuilder:
                 mins.append(st["regions"]["min"])
                 maxs.append(st["regions"]["max"])
             total_boxes += st["regions"]["sum"]
+            inline_pool.extend(st.get("captions", []))
             if st["count"]:
                 widths.add(st.get("num_classes"))
         n = sum(s.count for s in shards)
         m = Manifest(shards=shards, feature_dim=cfg.feature_dim, num_classes=widths.pop() if len(widths) == 1 else None,
-                     caption_pool=CAPTION_POOL_NAME if self.captions is not None else None,
+                     caption_pool=CAPTION_POOL_NAME if (self.captions is not None or inline_pool) else None,
                      regions=dict(min=min(mins, default=0), max=max(maxs, default=0), mean=round(total_boxes / max(n, 1), 3)),
                      build=self.build_args())
+        if self.captions is None and inline_pool:
+            storage.write_bytes(storage.join(cfg.output, CAPTION_POOL_NAME),
+                                json.dumps(inline_pool, ensure_ascii=False).encode("utf-8"), cfg.storage_options)
         url = storage.join(cfg.output, MANIFEST_NAME)
         storage.write_bytes(url, m.to_json(), cfg.storage_options)
         return url
