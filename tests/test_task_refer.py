@@ -186,3 +186,23 @@ def test_refcoco_end_to_end(refer_root, tokenizer, tmp_path):
     entries = json.loads(path.read_text())
     assert len(entries) == len(fam.read_annotations("testA")) and set(entries[0]) == {
         "sent_id", "ref_id", "image_id", "bbox", "iou", "correct"}
+
+
+def test_clean_train_sets_removes_other_tasks_test_images(tmp_path):
+    """A refcocog training ref on an image of refcoco's testA split is dropped at build time."""
+    registry = load_registry(make_scene_tasks(tmp_path, ["refcoco", "refcocog"], SceneSpec(images=4)))
+    test_image = build_family(registry["refcoco"]).read_annotations("testA")[0].images[""]
+    refs_path = f"{registry['refcocog'].annotations}/refs(umd).p"
+    refs = load_plain_pickle(refs_path)
+    moved = next(r for r in refs if r["split"] == "train")
+    moved["image_id"] = int(test_image)
+    inst_path = f"{registry['refcocog'].annotations}/instances.json"
+    instances = json.load(open(inst_path))
+    next(a for a in instances["annotations"] if a["id"] == moved["ann_id"])["image_id"] = int(test_image)
+    json.dump(instances, open(inst_path, "w"))
+    with open(refs_path, "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    report = build_task(registry, "refcocog", TaskBuildConfig(splits=["train"], max_count=64))
+    train = report["splits"][0]
+    assert train["removed_by_clean_train_sets"] == len(moved["sentences"])
+    assert train["samples"] == train["examples_read"] - len(moved["sentences"])
