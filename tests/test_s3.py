@@ -38,7 +38,8 @@ def s3_set(moto_s3, tmp_path_factory):
 
 
 def _cfg(data_config, s3_set, storage_options=None, **kw):
-    base = dict(train=s3_set["url"], storage_options=storage_options or s3_set["opts"], max_regions=36,
+    base = dict(train=s3_set["url"], storage_options=s3_set["opts"] if storage_options is None else storage_options,
+                max_regions=36,
                 shuffle_bytes="1MB", read_chunk_bytes="1MiB", retry_backoff_s=0.1)
     base.update(kw)
     return data_config(**base)
@@ -160,3 +161,20 @@ def test_corrupt_and_missing_shards_are_named_or_counted(s3_set, data_config, mo
     with pytest.raises(ShardReadError, match="cc-bad/cc-000002.tar"):
         for _ in build_pretrain_loader(fail, rank=0, world_size=1, micro_batch_size=4, seed=0):
             pass
+
+
+def test_http_brace_pattern_reads_the_same_samples(s3_set, data_config, moto_s3):
+    """http(s):// goes through fsspec's HTTP filesystem (ranged GETs): the bucket's public URLs."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=moto_s3.endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                 region_name="us-east-1").put_bucket_policy(Bucket=BUCKET, Policy=json.dumps({
+                     "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+                                                            "Resource": f"arn:aws:s3:::{BUCKET}/*"}]}))
+    pattern = f"{moto_s3.endpoint}/{BUCKET}/cc/cc-{{000000..000003}}.tar"
+    http = build_pretrain_loader(_cfg(data_config, s3_set, train=pattern, storage_options={}, num_workers=0),
+                                 rank=0, world_size=1, micro_batch_size=4, seed=3)
+    s3 = build_pretrain_loader(_cfg(data_config, s3_set, num_workers=0), rank=0, world_size=1, micro_batch_size=4, seed=3)
+    a, b = list(http), list(s3)
+    assert [x.keys for x in a] == [y.keys for y in b] and len(a) == 6
+    assert all(np.array_equal(x.image_feat.numpy(), y.image_feat.numpy()) for x, y in zip(a, b))

@@ -2,6 +2,8 @@
 counts over ranks x workers, exact mid-epoch resume."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -196,3 +198,64 @@ def test_iou_matches_the_original_convention():
     m = iou_matrix(boxes)
     assert m[0, 0] == pytest.approx(1.0) and m[0, 2] == 0
     assert m[0, 1] == pytest.approx(25 / (100 + 100 - 25))
+
+
+@pytest.fixture(scope="module")
+def second_set(tmp_path_factory):
+    from fixtures.data import build_synthetic_shards
+
+    return build_synthetic_shards(tmp_path_factory.mktemp("syn2"), images=24, boxes=10, max_count=6, prefix="b", seed=77)
+
+
+def test_weighted_sources_and_resampling(data_config, synthetic_shards, second_set):
+    a_keys = {k for s in json.loads(synthetic_shards.manifest.read_text())["shards"]
+              for k in json.loads((synthetic_shards.out / s["name"].replace(".tar", ".stats.json")).read_text())["keys"]}
+    train = [{"url": str(synthetic_shards.manifest), "weight": 1.0}, {"url": str(second_set.manifest), "weight": 3.0}]
+    cfg = data_config(train=train, epoch_samples=240, num_workers=2)
+    counts = []
+    for rank in range(2):
+        loader = build_pretrain_loader(cfg, rank=rank, world_size=2, micro_batch_size=8, seed=3)
+        assert len(loader) == 240 // 16
+        keys = [k for b in loader for k in b.keys]
+        assert len(keys) == len(loader) * 8
+        counts.append(sum(k not in a_keys for k in keys) / len(keys))
+    share_b = sum(counts) / 2
+    assert 0.55 < share_b < 0.95  # weight 3:1 -> ~75% of the samples from the second source
+    res = build_pretrain_loader(data_config(resampled=True, epoch_samples=96, num_workers=0), rank=0, world_size=1,
+                                micro_batch_size=8, seed=1)
+    keys = [k for b in res for k in b.keys]
+    assert len(keys) == 96 and len(set(keys)) < 96  # drawn with replacement: repeats within the epoch
+
+
+def test_brace_pattern_and_file_urls(data_config, synthetic_shards):
+    pattern = f"file://{synthetic_shards.out}/cc-{{000000..000003}}.tar"
+    by_pattern = build_pretrain_loader(data_config(train=pattern, num_workers=0), rank=0, world_size=1,
+                                       micro_batch_size=6, seed=2)
+    by_manifest = build_pretrain_loader(data_config(train=f"file://{synthetic_shards.manifest}", num_workers=0),
+                                        rank=0, world_size=1, micro_batch_size=6, seed=2)
+    assert len(by_pattern) == len(by_manifest) == 8
+    assert [b.keys for b in by_pattern] == [b.keys for b in by_manifest]
+
+
+def test_shuffle_window_is_bounded_in_bytes(data_config, synthetic_shards):
+    m = json.loads(synthetic_shards.manifest.read_text())
+    per_sample = sum(s["offsets"][-1] - s["offsets"][0] for s in m["shards"]) / m["num_samples"]
+    loader = build_pretrain_loader(data_config(shuffle_bytes="400KB"), rank=0, world_size=1, micro_batch_size=4, seed=0)
+    assert loader.window == int(400_000 // per_sample) and loader.window * per_sample <= 400_000
+    epoch0 = [k for b in loader for k in b.keys]
+    order = [k for s in m["shards"] for k in
+             json.loads((synthetic_shards.out / s["name"].replace(".tar", ".stats.json")).read_text())["keys"]]
+    assert sorted(epoch0) == sorted(order) and epoch0 != order
+
+
+def test_config_never_shows_credentials():
+    from vilbert_ds.data.config import DataConfig
+
+    cfg = DataConfig(train="s3://b/m.json", vocab="v", storage_options={
+        "key": "AKIA123", "secret": "sEcReT", "client_kwargs": {"aws_session_token": "T0K3NV4L"}, "endpoint_url": "http://h:1"})
+    text = repr(cfg) + json.dumps(cfg.to_dict())
+    assert "sEcReT" not in text and "AKIA123" not in text and "T0K3NV4L" not in text and "http://h:1" in text
+    assert cfg.to_dict(redact_secrets=False)["storage_options"]["secret"] == "sEcReT"
+    assert DataConfig(train="x", shuffle_bytes="64MiB").shuffle_bytes == 64 * 2**20
+    with pytest.raises(ValueError, match="data.on_error"):
+        DataConfig(train="x", on_error="ignore")

@@ -27,9 +27,20 @@ from .config import redact
 
 log = logging.getLogger(__name__)
 
-# Errors that retrying cannot fix: the object is absent or forbidden, or the request is wrong.
-PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Errors that retrying cannot fix: the object is absent or forbidden, or the request (or the
+# storage options) are wrong.
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TypeError,
+                    ValueError, NotImplementedError)
 _S3_STREAM_PIECE = 1 << 20  # bytes per body.read() of a streamed S3 GET
+
+
+def is_permanent(e: BaseException) -> bool:
+    """True for errors a retry cannot fix (missing, forbidden, bad request/options, HTTP 4xx
+    other than 408/429)."""
+    if isinstance(e, PERMANENT_ERRORS):
+        return True
+    status = getattr(e, "status", None) or getattr(e, "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
 
 
 class ShardReadError(OSError):
@@ -84,9 +95,9 @@ def with_retries(fn: Callable, what: str, *, retries: int = 6, backoff_s: float 
     for attempt in range(retries + 1):
         try:
             return fn()
-        except PERMANENT_ERRORS:
-            raise
         except Exception as e:  # noqa: BLE001 - object stores raise many transient error types
+            if is_permanent(e):
+                raise
             if attempt == retries:
                 raise ShardReadError(what, f"failed after {retries + 1} attempts: {type(e).__name__}: {e}") from e
             log.warning("%s: %s: %s; retry %d/%d in %.2fs", safe_url(what), type(e).__name__, e, attempt + 1, retries, delay)
@@ -279,9 +290,9 @@ class RangeReader:
                 with self._lock:
                     self.stats.requests += 1
                 self.backend.read_into(pos, end, out)
-            except PERMANENT_ERRORS as e:
-                raise ShardReadError(self.url, f"{type(e).__name__}: {e}") from e
             except Exception as e:  # noqa: BLE001 - network stacks raise many transient types
+                if is_permanent(e):
+                    raise ShardReadError(self.url, f"{type(e).__name__}: {e}") from e
                 progressed = len(out) > before
                 if progressed:  # a cut mid-transfer: keep the bytes, continue where it broke
                     with self._lock:
