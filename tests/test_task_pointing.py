@@ -85,7 +85,8 @@ def test_loss_and_accuracy_hand_computed(pointing_root, tokenizer):
                           image_loc=torch.zeros(2, 7, 5), image_mask=torch.ones(2, 7, dtype=torch.int64), keys=["10", "11"],
                           candidate_rows=torch.tensor([[4, 5, 6], [5, 4, 0]]),
                           candidate_mask=torch.tensor([[True, True, True], [True, True, False]]),
-                          target=torch.tensor([[0.0, 1.0, 0.6], [1.0, 0.0, 0.0]]), candidate_ids=[[7, 8, 9], [20, 21]])
+                          target=torch.tensor([[0.0, 1.0, 0.6], [1.0, 0.0, 0.0]]), gold=torch.tensor([1, 0]),
+                          candidate_ids=[[7, 8, 9], [20, 21]])
     out = ViLBertOutput(None, None, None, None, None)
     out.vision_logit = vision[..., None]
     loss, metrics = fam.loss(out, batch)

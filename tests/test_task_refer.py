@@ -133,8 +133,11 @@ def test_loss_and_accuracy_hand_computed(refer_root, tokenizer):
     batch = ReferBatch(input_ids=torch.zeros(2, 3, dtype=torch.int64), token_type_ids=torch.zeros(2, 3, dtype=torch.int64),
                        attention_mask=torch.ones(2, 3, dtype=torch.int64), image_feat=torch.zeros(2, 3, 2048),
                        image_loc=torch.zeros(2, 3, 5), image_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), keys=["7", "8"],
-                       target=target, boxes=torch.arange(24, dtype=torch.float32).view(2, 3, 4),
-                       info=[{"sent_id": 7, "ref_id": 1, "image_id": "5"}, {"sent_id": 8, "ref_id": 2, "image_id": "5"}])
+                       target=target,
+                       info=[{"sent_id": 7, "ref_id": 1, "image_id": "5", "iou": np.array([0.0, 0.9, 0.6]),
+                              "boxes": np.arange(12, dtype=np.float32).reshape(3, 4)},
+                             {"sent_id": 8, "ref_id": 2, "image_id": "5", "iou": np.array([0.3, 0.7]),
+                              "boxes": np.arange(12, 20, dtype=np.float32).reshape(2, 4)}])
     out = ViLBertOutput(None, None, None, None, None)
     out.vision_logit = logits[..., None]
     loss, metrics = fam.loss(out, batch)

@@ -46,6 +46,7 @@ class PointingBatch(TaskBatch):
     candidate_rows: torch.Tensor | None = None  # [B, C] int64 region row of each candidate (0 where padded)
     candidate_mask: torch.Tensor | None = None  # [B, C] bool, True = real candidate
     target: torch.Tensor | None = None  # [B, C] float32 IoU with the answer box, 0 below 0.5
+    gold: torch.Tensor | None = None  # [B] int64 argmax of the target (from float32: no bf16 ties)
     candidate_ids: list[list[Any]] = field(default_factory=list)  # per example: box / object ids of the candidates
 
 
@@ -125,7 +126,8 @@ class PointingFamily(TaskFamily):
         mask = pad_stack([np.ones(len(ex["candidate_rows"]), dtype=bool) for ex in examples], rows.shape[1], False)
         target = pad_stack([np.asarray(ex["target"], dtype=np.float32) for ex in examples], rows.shape[1])
         return PointingBatch(**fields, candidate_rows=torch.from_numpy(rows), candidate_mask=torch.from_numpy(mask),
-                             target=torch.from_numpy(target), candidate_ids=[list(ex["candidate_ids"]) for ex in examples],
+                             target=torch.from_numpy(target), gold=torch.from_numpy(target.argmax(axis=1)),
+                             candidate_ids=[list(ex["candidate_ids"]) for ex in examples],
                              task=self.name)
 
     # ------------------------------------------------------------------ step
@@ -142,13 +144,13 @@ class PointingFamily(TaskFamily):
         target = batch.target.to(logits.device)
         loss = F.binary_cross_entropy_with_logits(logits, target, reduction="mean") * target.size(1)
         with torch.no_grad():
-            score = argmax_accuracy(logits, target.argmax(dim=1)).mean()
+            score = argmax_accuracy(logits, batch.gold.to(logits.device)).mean()
         return loss, {"score": score}
 
     def score(self, output, batch: PointingBatch) -> dict[str, dict[str, Any]]:
         logits = self.candidate_logits(output, batch).cpu()
         pred = logits.argmax(dim=1)
-        gold = batch.target.argmax(dim=1)
+        gold = batch.gold
         out = {}
         for key, p, g, ids in zip(batch.keys, pred.tolist(), gold.tolist(), batch.candidate_ids):
             out[str(key)] = {"score": float(p == g), "prediction": ids[p], "gold": ids[g]}

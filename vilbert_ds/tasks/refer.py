@@ -105,8 +105,9 @@ def load_plain_pickle(path: str) -> Any:
 @dataclass
 class ReferBatch(TaskBatch):
     target: torch.Tensor | None = None  # [B, R] float32 IoU per region (0 on padded regions)
-    boxes: torch.Tensor | None = None  # [B, R, 4] float32 absolute x1 y1 x2 y2 of each region row
-    info: list[dict[str, Any]] = field(default_factory=list)  # per example: sent_id, ref_id, image_id
+    # per example: sent_id, ref_id, image_id, and as float32 numpy (kept out of the bf16/fp16 cast
+    # that `Batch.to` applies to float tensors, for exact scoring): "iou" [R_i], "boxes" [R_i, 4]
+    info: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ReferFamily(TaskFamily):
@@ -172,16 +173,15 @@ class ReferFamily(TaskFamily):
         rows = region_rows(sample, self.config.max_region_num, with_gt=train)
         target = iou_targets(rows.boxes, task["ref_box"], self.options.iou_threshold if train else None)
         return {"key": sample["__key__"], "texts": [self.encode(task["text"])], "images": [(rows.feat, rows.loc)],
-                "target": target, "boxes": rows.boxes,
-                "info": {"sent_id": task["sent_id"], "ref_id": task["ref_id"], "image_id": task["image_id"]}}
+                "target": target,
+                "info": {"sent_id": task["sent_id"], "ref_id": task["ref_id"], "image_id": task["image_id"],
+                         "iou": target, "boxes": rows.boxes}}
 
     def collate(self, examples: Sequence[Mapping[str, Any]]) -> ReferBatch:
         fields = collate_rows(examples, self.config.id)
         regions = fields["image_feat"].size(1)
         target = torch.from_numpy(pad_stack([ex["target"] for ex in examples], regions))
-        boxes = torch.from_numpy(pad_stack([ex["boxes"] for ex in examples], regions))
-        return ReferBatch(**fields, target=target, boxes=boxes, info=[dict(ex["info"]) for ex in examples],
-                          task=self.name)
+        return ReferBatch(**fields, target=target, info=[dict(ex["info"]) for ex in examples], task=self.name)
 
     # ------------------------------------------------------------------ step
     @staticmethod
@@ -199,15 +199,14 @@ class ReferFamily(TaskFamily):
         return loss, {"score": score}
 
     def score(self, output, batch: ReferBatch) -> dict[str, dict[str, Any]]:
-        logits = self.region_logits(output)
-        idx = logits.argmax(dim=1).cpu()
-        iou = batch.target.float().gather(1, idx[:, None])[:, 0]
-        boxes = batch.boxes[torch.arange(idx.numel()), idx].tolist()
+        idx = self.region_logits(output).argmax(dim=1).tolist()
         out = {}
-        for key, i, v, box, info in zip(batch.keys, idx.tolist(), iou.tolist(), boxes, batch.info):
-            correct = v > self.options.iou_threshold
-            out[str(key)] = {"score": float(correct), "prediction": int(i), "iou": round(float(v), 6),
-                             "box": [round(float(c), 2) for c in box], **info}
+        for key, i, info in zip(batch.keys, idx, batch.info):
+            iou = float(info["iou"][i])  # a padded region cannot win: the model adds -10000 to it
+            correct = iou > self.options.iou_threshold
+            out[str(key)] = {"score": float(correct), "prediction": int(i), "iou": round(iou, 6),
+                             "box": [round(float(c), 2) for c in info["boxes"][i]],
+                             "sent_id": info["sent_id"], "ref_id": info["ref_id"], "image_id": info["image_id"]}
         return out
 
     def prediction_entry(self, example_id: str, record: Mapping[str, Any]) -> dict[str, Any]:

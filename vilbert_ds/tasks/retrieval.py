@@ -383,7 +383,7 @@ class RetrievalFamily(TaskFamily):
 
     def score(self, output, batch: RetrievalBatch) -> dict[str, dict[str, Any]]:
         logits = self.option_logits(output, batch).cpu()
-        correct = strictly_correct(logits, batch.label).tolist()
+        correct = strictly_correct(logits, batch.label.cpu()).tolist()
         return {str(k): {"score": float(c), "prediction": bool(c), "image_id": img}
                 for k, c, img in zip(batch.keys, correct, batch.image_ids)}
 

@@ -200,7 +200,7 @@ class VCRFamily(TaskFamily):
         logits = self.choice_logits(output, batch).cpu()
         probs = torch.softmax(logits, dim=1)
         pred = logits.argmax(dim=1)
-        correct = strictly_correct(logits, batch.label)
+        correct = strictly_correct(logits, batch.label.cpu())
         out = {}
         for key, p, g, ok, pr, info in zip(batch.keys, pred.tolist(), batch.label.tolist(), correct.tolist(), probs.tolist(),
                                            batch.info):
