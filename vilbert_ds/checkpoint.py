@@ -223,6 +223,9 @@ class CheckpointManager:
         if self.rank == 0:
             atomic_write_text(self.directory / LATEST, tag)
             self._prune(keep=tag)
+        # No rank leaves before `latest` is written: a launcher that tears the job down when its
+        # first rank exits (e.g. after a preemption save) must not catch rank 0 mid-write.
+        _barrier()
         return time.perf_counter() - start
 
     def _prune(self, keep: str) -> None:

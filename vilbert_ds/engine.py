@@ -502,22 +502,29 @@ def consolidated_fp32_state(checkpoint_dir: str | os.PathLike, tag: str) -> dict
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     path = Path(checkpoint_dir) / tag
+    # mp_rank_00_model_states.pt (ZeRO 0-2) or zero_pp_rank_0_mp_rank_00_model_states.pt (ZeRO-3)
+    files = sorted(path.glob("mp_rank_*_model_states.pt")) or sorted(path.glob("zero_pp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *model_states.pt (not a DeepSpeed checkpoint)")
+    # DeepSpeed's files can also hold objects; read them with weights_only=True (no code runs).
+    module = {k: v for k, v in _load_ds_file(files[0])["module"].items() if torch.is_tensor(v)}
     if any(path.glob("*optim_states.pt")) and not (path / "zero").is_dir():
         try:
             state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-            return {k: v.float() for k, v in state.items()}
         except ValueError as e:  # ZeRO-0 saves optimizer state too, but not partitioned
             log.info("%s: not a ZeRO-partitioned checkpoint (%s); reading the module file", path, e)
-    files = sorted(path.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
-    # DeepSpeed's own files hold argparse/optimizer objects; weights_only=False would run code, so
-    # read them with weights_only=True plus DeepSpeed's registered safe globals.
-    state = _load_ds_file(files[0])["module"]
-    dtypes = {v.dtype for v in state.values() if torch.is_tensor(v)}
+        else:
+            state = {k: v.float() for k, v in state.items()}
+            # Parameters without optimizer state (frozen: q_dense*) are absent from the ZeRO-1/2
+            # partitions of a multi-rank checkpoint; the module file has them (stages 0-2).
+            for key, value in module.items():
+                if value.numel() > 0:  # ZeRO-3 module files hold empty placeholders
+                    state.setdefault(key, value.float())
+            return state
+    dtypes = {v.dtype for v in module.values()}
     if dtypes - {torch.float32}:
         log.warning("%s: module weights are %s; the fp32 export is upcast from them", files[0], sorted(map(str, dtypes)))
-    return {k: v.float() for k, v in state.items() if torch.is_tensor(v)}
+    return {k: v.float() for k, v in module.items()}
 
 
 def _load_ds_file(path: Path) -> dict[str, Any]:

@@ -241,7 +241,11 @@ class Trainer:
         samples = tokens = 0
         for micro in range(self.batch.accumulation):
             t0 = time.perf_counter()
-            batch = next(batches)
+            # The data pipeline may draw from the global torch RNG (a DataLoader seeds its workers
+            # from it when an epoch, or a resumed epoch, starts); keep those draws out of the
+            # model's dropout stream so that a resumed run continues it exactly.
+            with torch.random.fork_rng(devices=[]):
+                batch = next(batches)
             self.meter.wait(time.perf_counter() - t0)
             batch = batch.to(engine.device, float_dtype=self.float_dtype)
             loss, metrics = engine(batch)

@@ -1,0 +1,35 @@
+"""`vilbert-ds export RUN --out DIR`: a DeepSpeed checkpoint (any ZeRO stage, any number of ranks)
+-> consolidated fp32 `config.json` + `model.safetensors`, loadable with `vilbert_ds.load_model`
+and by the fine-tuning / evaluation commands (`model.init_from`).
+
+RUN is a run directory, its checkpoints/ directory (the `latest` checkpoint is exported), or one
+checkpoint directory (checkpoints/step00001000).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="run directory, checkpoints/ directory, or checkpoints/stepNNNNNNNN")
+    parser.add_argument("--out", required=True, help="output model directory")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..checkpoint import CheckpointError, export_fp32, find_checkpoint
+    from ..model import count_parameters
+    from ..weights import load_model
+
+    start = time.perf_counter()
+    try:
+        directory, tag = find_checkpoint(args.checkpoint)
+        out = export_fp32(directory / tag, args.out)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"vilbert-ds export: {e}", file=sys.stderr)
+        return 2
+    model = load_model(out)  # the export must load as users will load it
+    print(f"exported {directory / tag} -> {out} ({count_parameters(model):,} parameters, fp32, "
+          f"{time.perf_counter() - start:.1f}s)")
+    return 0
