@@ -30,6 +30,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Mapping
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ DEFAULT_PORT_BASE = 15000
 DEFAULT_PORT_SPAN = 15000
 DEFAULT_MASTER_PORT = 29500
 
-EXIT_PEER_LOST = 75  # a peer rank froze or died; the watchdog ended this rank (EX_TEMPFAIL)
+EXIT_PEER_LOST = 76  # a peer rank froze or died; the watchdog ended this rank (75 = stopped by a signal)
+DEFAULT_WATCHDOG_S = 120.0  # heartbeat silence that ends the job (capped by the collective timeout)
 
 LAUNCHERS = ("single", "torchrun", "deepspeed", "slurm", "mpi", "env")  # env: RANK etc. set by hand
 
@@ -343,7 +345,7 @@ def init_distributed(
     backend: str | None = None,
     init_timeout_s: float = 300.0,
     timeout_s: float = 600.0,
-    watchdog_s: float | None = 120.0,
+    watchdog_s: float | None = None,
     heartbeat_s: float | None = None,
 ) -> None:
     """Start torch.distributed (and DeepSpeed's comm layer) for `env`.
@@ -352,8 +354,10 @@ def init_distributed(
     timeout_s: seconds any later collective may wait, on the default group and on every group
         created later (DeepSpeed's), so a hung rank ends the job instead of stalling it.
     watchdog_s: a rank whose heartbeat has not advanced for this long is reported frozen or
-        dead, and the job ends with `EXIT_PEER_LOST`; None or 0 turns the watchdog off.
-    heartbeat_s: seconds between heartbeats (default: watchdog_s / 10, within [0.2, 5]).
+        dead, and the job ends with `EXIT_PEER_LOST`; 0 turns the watchdog off. Default: the
+        environment's VILBERT_DS_WATCHDOG_S, else min(timeout_s, DEFAULT_WATCHDOG_S).
+    heartbeat_s: seconds between heartbeats (default: VILBERT_DS_HEARTBEAT_S, else
+        watchdog_s / 10 within [0.2, 5]).
     """
     import torch
     import torch.distributed as dist
@@ -398,6 +402,7 @@ def init_distributed(
                 f"{env.describe()}: process group setup failed within timeout_s={timeout_s:g}s: "
                 f"{_missing_ranks(store, env)}; cause: {_first_line(e)}"
             ) from e
+        watchdog_s, heartbeat_s = _watchdog_settings(watchdog_s, heartbeat_s, timeout_s)
         if watchdog_s:
             start_watchdog(env, _store_client(env, watchdog_s), watchdog_s, heartbeat_s)
 
@@ -408,6 +413,21 @@ def init_distributed(
         # when DeepSpeed is imported later, deepspeed.initialize() wraps it the same way.
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     log.info("torch.distributed up: %s, backend %s, collective timeout %gs", env.describe(), backend, timeout_s)
+
+
+def _watchdog_settings(watchdog_s: float | None, heartbeat_s: float | None, timeout_s: float) -> tuple[float, float | None]:
+    """Arguments first, then VILBERT_DS_WATCHDOG_S / VILBERT_DS_HEARTBEAT_S (launch scripts set
+    them for every entry point at once), then the defaults."""
+    try:
+        if watchdog_s is None and os.environ.get("VILBERT_DS_WATCHDOG_S", "") != "":
+            watchdog_s = float(os.environ["VILBERT_DS_WATCHDOG_S"])
+        if heartbeat_s is None and os.environ.get("VILBERT_DS_HEARTBEAT_S", "") != "":
+            heartbeat_s = float(os.environ["VILBERT_DS_HEARTBEAT_S"])
+    except ValueError as e:
+        raise DistEnvError(f"VILBERT_DS_WATCHDOG_S / VILBERT_DS_HEARTBEAT_S must be seconds: {e}") from None
+    if watchdog_s is None:
+        watchdog_s = min(timeout_s, DEFAULT_WATCHDOG_S)
+    return float(watchdog_s), heartbeat_s
 
 
 def _default_backend() -> str:
@@ -760,3 +780,63 @@ def _first_line(e: BaseException) -> str:
 
 def _ranks_text(ranks: list[int]) -> str:
     return ", ".join(map(str, ranks[:16])) + (f" and {len(ranks) - 16} more" if len(ranks) > 16 else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch glue: what the deepspeed pdsh runner must carry to the other nodes
+
+# Variables (exact names or prefixes) that must be the same on every node of a hostfile launch.
+NODE_ENV_PREFIXES = (
+    "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "NCCL_", "GLOO_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_DEBUG",
+    "WANDB_", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS",
+    "VILBERT_DS_", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+)
+# Never put on a command line that shows in `ps` on every node.
+NODE_ENV_SECRETS = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY)", re.I)
+
+
+def node_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables of `environ` that a multi-node launch must reproduce on every node."""
+    environ = os.environ if environ is None else environ
+    return {
+        k: v
+        for k, v in sorted(environ.items())
+        if k.startswith(NODE_ENV_PREFIXES) and not NODE_ENV_SECRETS.search(k) and "\n" not in v
+    }
+
+
+def write_hostfile_env(env_file: Path, environ: Mapping[str, str] | None = None, python: str | None = None) -> Path:
+    """Write the deepspeed launcher's `.deepspeed_env` (KEY=VALUE lines it exports on every node)
+    and, beside it, the `--venv_script` that puts this Python's bin directory first on PATH: over
+    ssh PATH is the system's, another `ninja` would rebuild every op. Returns the script's path."""
+    env_file = Path(env_file).resolve()
+    env_file.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{k}={v}" for k, v in node_environment(environ).items()]
+    env_file.write_text("".join(line + "\n" for line in lines))
+    bin_dir = Path(python or sys.executable).parent
+    venv = env_file.with_name(env_file.name + ".venv.sh")
+    venv.write_text(
+        "# generated by `python -m vilbert_ds.distributed hostfile-env`: sourced on every node\n"
+        f'export PATH="{bin_dir}:$PATH"\n'
+    )
+    return venv
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vilbert_ds.distributed", description="launch helpers")
+    sub = parser.add_subparsers(dest="action", required=True)
+    h = sub.add_parser("hostfile-env", help="write .deepspeed_env + the venv script; print the script's path")
+    h.add_argument("--env-file", default=".deepspeed_env", help="where the deepspeed launcher will read it (DS_ENV_FILE)")
+    sub.add_parser("show", help="print this process's DistEnv")
+    args = parser.parse_args(argv)
+    if args.action == "hostfile-env":
+        print(write_hostfile_env(Path(args.env_file)))
+    else:
+        print(DistEnv.from_env().describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

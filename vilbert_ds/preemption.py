@@ -31,9 +31,9 @@ from vilbert_ds.distributed import DistEnv, report_step
 log = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS = ("SIGUSR1", "SIGTERM")
-# A run that stopped on a signal after saving: not a failure, not finished. Distinct from 0
-# (finished) and from 1 (error) so launch scripts and tests can tell; SLURM requeues it anyway.
-EXIT_STOPPED = 3
+# A run that stopped on a signal after saving: not a failure, not finished (EX_TEMPFAIL; the
+# trainer's EXIT_PREEMPTED). Distinct from 0 (finished), 1 (error) and the watchdog's 76.
+EXIT_STOPPED = 75
 
 
 class StopSignal:

@@ -1,0 +1,121 @@
+"""The repository's own sbatch scripts, unchanged, on a real two-node SLURM cluster
+(tests/fixtures/slurm.py): a job array builds shards; a 2-node ZeRO-2 pretraining job gets its
+warning signal, saves, requeues itself, resumes and finishes with every step and every sample
+exactly once; a job whose node crashes comes back through --requeue and resumes from its last
+checkpoint."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures.slurm import read_metrics
+from vilbert_ds.trainer import read_sample_log
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _job_env(inputs) -> dict[str, str]:
+    return {"CONFIG": str(inputs.config), "DS_CONFIG": str(inputs.ds_config), "PYTHON": sys.executable,
+            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "VILBERT_DS_WATCHDOG_S": "30"}
+
+
+def _wait_for_step(slurm, job_id: str, run_dir: Path, step: int, timeout_s: float = 180) -> int:
+    """Wait until the run logged `step`; fails early when the job ended. Returns the last step."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = read_metrics(run_dir)
+        if rows and max(rows) >= step:
+            return max(rows)
+        state = slurm.job(job_id).get("JobState")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} never reached step {step} ({slurm.job(job_id).get('JobState')}):\n"
+                         + _job_log(run_dir.parent, job_id)[-4000:])
+
+
+def _job_log(directory: Path, job_id: str) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(directory.glob(f"*-{job_id}*.out")))
+
+
+def _assert_every_sample_once(run_dir: Path, steps: int, inputs) -> None:
+    log = read_sample_log(run_dir)  # a step logged twice keeps the resumed run's keys
+    assert sorted(log) == [0, 1]
+    for rank, by_step in log.items():
+        assert sorted(by_step) == list(range(1, steps + 1)), f"rank {rank}: steps {sorted(by_step)}"
+    keys = [k for by_step in log.values() for ks in by_step.values() for k in ks]
+    assert len(keys) == steps * 2 * inputs.micro == inputs.num_samples  # one epoch exactly
+    assert len(set(keys)) == len(keys), "a sample was repeated"
+
+
+def test_job_array_builds_the_same_shards_as_one_process(slurm, launch_inputs, tmp_path):
+    out = tmp_path / "shards"
+    env = dict(slurm.env, SLICES="2", PYTHON=sys.executable)
+    ids = slurm.run(["bash", str(REPO / "slurm" / "shards.sh"), *launch_inputs.shard_args(out)], env=env,
+                    cwd=tmp_path).stdout.split()
+    array_id, manifest_id = ids
+    tasks = slurm.wait_job(array_id, states=("COMPLETED", "FAILED", "CANCELLED"), timeout_s=120)
+    assert len(tasks) == 2 and all(t["JobState"] == "COMPLETED" for t in tasks), tasks
+    assert slurm.wait_job(manifest_id, timeout_s=60)[0]["JobState"] == "COMPLETED", _job_log(tmp_path, manifest_id)
+    logs = "".join(p.read_text() for p in tmp_path.glob(f"vilbert-shards-{array_id}_*.out"))
+    assert "slice 0 of 2" in logs and "slice 1 of 2" in logs
+    built = json.loads((out / "manifest.json").read_text())
+    reference = json.loads((launch_inputs.shards / "manifest.json").read_text())
+    assert built["shards"] == reference["shards"]  # names, counts, checksums, offsets: byte-identical
+    from vilbert_ds.cli import main as cli
+
+    assert cli(["shards", "verify", str(out / "manifest.json")]) == 0
+
+
+def test_two_node_zero2_job_stops_on_its_warning_signal_requeues_and_resumes(slurm, launch_inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--job-name=preempt",
+                        str(REPO / "slurm" / "pretrain.sbatch"), *launch_inputs.overrides(run_dir)],
+                       env=_job_env(launch_inputs), cwd=tmp_path)
+    _wait_for_step(slurm, job, run_dir, 3)
+    # the warning SLURM sends before the time limit (--signal=USR1@N), delivered now
+    slurm.run(["scancel", "--signal=USR1", job])
+    record = slurm.wait_job(job, timeout_s=240)[0]
+    log = _job_log(tmp_path, job)
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", f"{record}\n{log[-4000:]}"
+    assert record["NodeList"] == "n[1-2]" and record["NumNodes"] == "2"
+    assert "restart 0, 2 tasks on n[1-2]" in log and "restart 1, 2 tasks on n[1-2]" in log, log[-4000:]
+    assert "2 ranks (slurm)" in log and "ZeRO-2" in log
+
+    rows = read_metrics(run_dir)
+    assert sorted(rows) == list(range(1, 25)), sorted(rows)
+    first = [s for s, r in rows.items() if r["run/restart_count"] == 0]
+    second = [s for s, r in rows.items() if r["run/restart_count"] == 1]
+    stop = max(first)
+    assert 3 <= stop < 24 and first == list(range(1, stop + 1))
+    assert second == list(range(stop + 1, 25)), "the resumed run must continue right after the stop step"
+    assert f"saving at step {stop}" in log
+    _assert_every_sample_once(run_dir, 24, launch_inputs)
+
+
+def test_node_crash_brings_the_job_back_through_requeue(slurm, launch_inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch(["--nodes=1", "--ntasks-per-node=2", "--job-name=crash",
+                        str(REPO / "slurm" / "pretrain.sbatch"), *launch_inputs.overrides(run_dir)],
+                       env=_job_env(launch_inputs), cwd=tmp_path)
+    _wait_for_step(slurm, job, run_dir, 10)  # the checkpoint of step 8 is complete
+    node = slurm.job(job)["NodeList"]
+    assert node in ("n1", "n2")
+    killed = slurm.crash_node(node)  # slurmd, slurmstepd and both ranks, at once
+    assert len(killed) >= 3
+    record = slurm.wait_job(job, timeout_s=240)[0]
+    log = _job_log(tmp_path, job)
+    assert record["JobState"] == "COMPLETED" and int(record["Restarts"]) >= 1, f"{record}\n{log[-4000:]}"
+    assert record["NodeList"] != node  # ran again on the node that is still up
+
+    rows = read_metrics(run_dir)
+    assert sorted(rows) == list(range(1, 25))
+    resumed = [s for s, r in rows.items() if r["run/restart_count"] >= 1]
+    assert resumed == list(range(9, 25)), "the requeued run resumes from the step-8 checkpoint"
+    _assert_every_sample_once(run_dir, 24, launch_inputs)
