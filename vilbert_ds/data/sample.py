@@ -65,26 +65,59 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def npy_array(data: bytes, where: str) -> np.ndarray:
-    """Decodes .npy bytes without copying the payload (read-only view)."""
-    try:
-        buf = io.BytesIO(data)
-        version = np.lib.format.read_magic(buf)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+_HEADER_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}  # npy header bytes -> parsed
+
+
+def _npy_header(data, where: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran, payload offset) of .npy bytes. Headers repeat (same shapes), so
+    parsed headers are cached: numpy's own parser (ast.literal_eval) costs ~70 us a member."""
+    head = bytes(data[:10])
+    if len(head) < 10 or head[:6] != b"\x93NUMPY":
+        raise SampleError(f"{where}: not a .npy member (bad magic {head[:6]!r})")
+    major = head[6]
+    if major == 1:
+        hlen, start = int.from_bytes(head[8:10], "little"), 10
+    elif major in (2, 3):
+        hlen, start = int.from_bytes(bytes(data[8:12]), "little"), 12
+    else:
+        raise SampleError(f"{where}: unsupported .npy version {major}")
+    header = bytes(data[start:start + hlen])
+    parsed = _HEADER_CACHE.get(header)
+    if parsed is None:
+        try:
+            buf = io.BytesIO(bytes(data[:start + hlen]))
+            version = np.lib.format.read_magic(buf)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = reader(buf)
+        except Exception as e:  # noqa: BLE001 - numpy raises ValueError/OSError variants on bad headers
+            raise SampleError(f"{where}: not a valid .npy member ({e})") from None
         if dtype.hasobject:
             raise SampleError(f"{where}: .npy with object dtype refused (could run code)")
-        count = int(np.prod(shape)) if shape else 1
-        if len(data) - buf.tell() < count * dtype.itemsize:
-            raise SampleError(f"{where}: .npy payload truncated ({len(data) - buf.tell()} of {count * dtype.itemsize} bytes)")
-        arr = np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell())
-        return arr.reshape(shape, order="F" if fortran else "C")
-    except SampleError:
-        raise
-    except Exception as e:  # noqa: BLE001 - numpy raises ValueError/OSError variants on bad headers
-        raise SampleError(f"{where}: not a valid .npy member ({e})") from None
+        parsed = (dtype, tuple(shape), bool(fortran))
+        if len(_HEADER_CACHE) < 256:
+            _HEADER_CACHE[header] = parsed
+    return parsed[0], parsed[1], parsed[2], start + hlen
+
+
+def npy_array(data, where: str) -> np.ndarray:
+    """Decodes .npy bytes (bytes, bytearray or memoryview) without copying the payload."""
+    dtype, shape, fortran, offset = _npy_header(data, where)
+    count = 1
+    for d in shape:
+        count *= d
+    if len(data) - offset < count * dtype.itemsize:
+        raise SampleError(f"{where}: .npy payload truncated ({len(data) - offset} of {count * dtype.itemsize} bytes)")
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def all_finite(arr: np.ndarray) -> bool:
+    """No NaN/Inf. float16: no element with all exponent bits set (a bit test on the uint16
+    view, ~15x faster than numpy's float16 isfinite)."""
+    if arr.dtype == np.float16:
+        bits = np.ascontiguousarray(arr).view(np.uint16)
+        return not bool(((bits & 0x7C00) == 0x7C00).any())
+    return bool(np.isfinite(arr).all())
 
 
 def encode(record: FeatureRecord, key: str, feature_dim: int = 2048) -> list[tuple[str, bytes]]:
@@ -105,7 +138,7 @@ def encode(record: FeatureRecord, key: str, feature_dim: int = 2048) -> list[tup
         meta["caption"] = record.caption
     members = [(META, json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))]
     feats = record.features.astype(np.float16)
-    if not np.isfinite(feats).all():
+    if not all_finite(feats):
         raise SampleError(f"{where}: features have NaN/Inf (or values beyond float16 range, |x| > 65504)")
     members.append((FEATURES, npy_bytes(feats)))
     members.append((BOXES, npy_bytes(record.boxes.astype(np.float32))))
@@ -140,7 +173,7 @@ def decode(key: str, members: dict[str, bytes], where: str, *, feature_dim: int 
     if missing:
         raise SampleError(f"{where}: missing member(s) {', '.join(missing)} (has {', '.join(sorted(members)) or 'none'})")
     try:
-        meta = json.loads(members[META].decode("utf-8"))
+        meta = json.loads(bytes(members[META]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SampleError(f"{where}: {META} member is not valid JSON ({e})") from None
     feats = npy_array(members[FEATURES], f"{where}.{FEATURES}")
@@ -161,7 +194,7 @@ def decode(key: str, members: dict[str, bytes], where: str, *, feature_dim: int 
                               f"float16[{feats.shape[0]}, {num_classes or 'C'}]")
     if check_finite:
         for name, arr in ((FEATURES, feats), (BOXES, boxes), (CLS_PROB, cls_prob)):
-            if arr is not None and not np.isfinite(arr).all():
+            if arr is not None and not all_finite(arr):
                 raise SampleError(f"{where}: {name} contains NaN/Inf")
     extra = {ext: data for ext, data in members.items() if ext not in MEMBER_ORDER}
     return Sample(key=key, meta=meta, features=feats, boxes=boxes, cls_prob=cls_prob, extra=extra)

@@ -30,8 +30,10 @@ change; every substitution is counted and reported at the end of the epoch.
 from __future__ import annotations
 
 import bisect
+import concurrent.futures as cf
 import hashlib
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -310,13 +312,28 @@ class ReadOptions:
     num_classes: int | None
 
 
+def _span(chunks: deque, start: int, end: int):
+    """Bytes [start, end) from the (offset, memoryview) chunks: a zero-copy view when they lie in
+    one chunk, else a joined copy."""
+    pieces = []
+    for off, mv in chunks:
+        if off + len(mv) <= start:
+            continue
+        if off >= end:
+            break
+        pieces.append(mv[max(start - off, 0):min(end - off, len(mv))])
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
 def read_samples(shard: ShardInfo, local_ids: Sequence[int], opts: ReadOptions, stats: StreamStats,
                  dead: set[str]) -> dict[int, Sample | _Missing]:
     """Reads the samples `local_ids` (sorted, unique) of one shard with one ranged read over the
-    span that contains them; returns local id -> Sample or _Missing."""
+    span that contains them; returns local id -> Sample or _Missing. Decoded arrays are views
+    into the read chunks (no copy)."""
     out: dict[int, Sample | _Missing] = {}
+    url = storage.safe_url(shard.url)
     if shard.url in dead:
-        return {i: _Missing(f"{storage.safe_url(shard.url)}: unreadable (skipped)") for i in local_ids}
+        return {i: _Missing(f"{url}: unreadable (skipped)") for i in local_ids}
     lo, hi = local_ids[0], local_ids[-1]
     start, end = shard.offsets[lo], shard.offsets[hi + 1]
     rstats = storage.ReadStats()
@@ -325,26 +342,25 @@ def read_samples(shard: ShardInfo, local_ids: Sequence[int], opts: ReadOptions, 
                                  backoff_s=opts.backoff_s, stats=rstats)
     wanted = iter(local_ids)
     cur = next(wanted, None)
-    buf = bytearray()
-    buf_start = start
+    chunks: deque = deque()  # (absolute offset, memoryview), covering [chunks[0].offset, pos)
+    pos = start
     try:
         for chunk in reader:
-            buf += chunk
-            while cur is not None and buf_start + len(buf) >= shard.offsets[cur + 1]:
-                a, b = shard.offsets[cur] - buf_start, shard.offsets[cur + 1] - buf_start
-                out[cur] = _decode(shard, cur, bytes(buf[a:b]), opts, stats)
+            chunks.append((pos, memoryview(chunk)))
+            pos += len(chunk)
+            while cur is not None and pos >= shard.offsets[cur + 1]:
+                data = _span(chunks, shard.offsets[cur], shard.offsets[cur + 1])
+                out[cur] = _decode(shard, cur, data, opts, stats, url)
                 cur = next(wanted, None)
-            # drop bytes before the next wanted sample (never beyond what has arrived)
-            drop = min((shard.offsets[cur] if cur is not None else end) - buf_start, len(buf))
-            if drop > 0:
-                del buf[:drop]
-                buf_start += drop
+            keep = shard.offsets[cur] if cur is not None else end
+            while chunks and chunks[0][0] + len(chunks[0][1]) <= keep:
+                chunks.popleft()  # decoded samples keep their own chunk alive; nothing else does
     except storage.ShardReadError as e:
         if opts.on_error == "fail":
             raise
-        log.error("skipping unreadable shard %s: %s", storage.safe_url(shard.url), e)
+        log.error("skipping unreadable shard %s: %s", url, e)
         dead.add(shard.url)
-        stats.bad_shards.append(storage.safe_url(shard.url))
+        stats.bad_shards.append(url)
         if len(stats.errors) < 20:
             stats.errors.append(str(e))
         for i in local_ids:
@@ -357,8 +373,10 @@ def read_samples(shard: ShardInfo, local_ids: Sequence[int], opts: ReadOptions, 
     return out
 
 
-def _decode(shard: ShardInfo, i: int, data: bytes, opts: ReadOptions, stats: StreamStats) -> Sample | _Missing:
-    where = f"{storage.safe_url(shard.url)} sample #{i} (byte {shard.offsets[i]})"
+def _decode(shard: ShardInfo, i: int, data: bytes, opts: ReadOptions, stats: StreamStats,
+            url: str) -> Sample | _Missing:
+    """`url`: the shard URL as it may be logged (storage.safe_url, computed once per shard)."""
+    where = f"{url} sample #{i} (byte {shard.offsets[i]})"
     try:
         members = parse_sample(data, where)
         if not members:
@@ -371,7 +389,7 @@ def _decode(shard: ShardInfo, i: int, data: bytes, opts: ReadOptions, stats: Str
                 raise TarFormatError(f"{where}: member {m.name!r} does not belong to sample {key!r} "
                                      f"(offsets out of step with the tar)")
             by_ext[ext] = m.data
-        sample = decode(key, by_ext, f"{storage.safe_url(shard.url)} key {key}", feature_dim=opts.feature_dim,
+        sample = decode(key, by_ext, f"{url} key {key}", feature_dim=opts.feature_dim,
                         num_classes=opts.num_classes)
         sample.shard = shard.name
         return sample
@@ -430,33 +448,50 @@ class EpochDataset(IterableDataset):
 
 def _worker_batches(plan: EpochPlan, lay: RankLayout, blocks: list[tuple[int, int]], opts: ReadOptions,
                     make_batch) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """Yields (batch, stats delta) for the worker's batch blocks, one shuffle window at a time."""
+    """Yields (batch, stats delta) for the worker's batch blocks, one shuffle window at a time.
+    The next window is read (and decoded) by a background thread while this one is masked and
+    collated, so network time overlaps compute; a worker holds at most two windows."""
     mb = lay.micro_batch
     positions = np.concatenate([np.arange(a * mb, b * mb) for a, b in blocks])  # ascending O-positions
     windows = positions // lay.window
+    bounds = []
+    lo = 0
+    while lo < len(positions):
+        hi = int(np.searchsorted(windows, windows[lo], side="right"))
+        bounds.append((lo, hi))
+        lo = hi
     perms: dict[int, np.ndarray] = {}
-    dead: set[str] = set()
+    dead: set[str] = set()  # only the loader thread touches perms and dead
+
+    def load(k: int):
+        lo, hi = bounds[k]
+        seq = lay.sequence_index(positions[lo:hi], perms)
+        perms.pop(int(windows[lo]), None)  # a window is visited once per worker
+        wstats = StreamStats()
+        return seq, _load_window(plan, seq, opts, wstats, dead), wstats
+
     recent: list[Sample] = []  # last good samples: substitutes when a whole window is unreadable
     stats = StreamStats()
     pending: list[Sample] = []
-    lo = 0
-    while lo < len(positions):
-        j = int(windows[lo])
-        hi = int(np.searchsorted(windows, j, side="right"))
-        mine = positions[lo:hi]
-        seq = lay.sequence_index(mine, perms)
-        perms.pop(j, None)  # a window is visited once per worker
-        cache = _load_window(plan, seq, opts, stats, dead)
-        cache = _substitute(cache, seq, lay, recent, stats)
-        for g in seq.tolist():
-            pending.append(cache[g])
-            if len(pending) == mb:
-                stats.samples += mb
-                batch = make_batch(pending, lay.epoch)
-                yield batch, stats.as_dict()
-                stats = StreamStats()
-                pending = []
-        lo = hi
+    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="window-read") as pool:
+        future = pool.submit(load, 0) if bounds else None
+        try:
+            for k in range(len(bounds)):
+                seq, cache, wstats = future.result()
+                future = pool.submit(load, k + 1) if k + 1 < len(bounds) else None
+                stats.add(wstats)
+                cache = _substitute(cache, seq, lay, recent, stats)
+                for g in seq.tolist():
+                    pending.append(cache[g])
+                    if len(pending) == mb:
+                        stats.samples += mb
+                        batch = make_batch(pending, lay.epoch)
+                        yield batch, stats.as_dict()
+                        stats = StreamStats()
+                        pending = []
+        finally:
+            if future is not None:
+                future.cancel()
 
 
 def _load_window(plan: EpochPlan, seq: np.ndarray, opts: ReadOptions, stats: StreamStats,

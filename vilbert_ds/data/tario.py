@@ -12,7 +12,10 @@ import io
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable
 
+import numpy as np
+
 BLOCK = 512  # tar block size, bytes
+_ZERO_BLOCK = bytes(BLOCK)
 _NAME_MAX = 100  # USTAR name field (we never use the prefix field: keys are short)
 
 
@@ -101,16 +104,17 @@ class Member:
 
 def parse_header(header: bytes, where: str) -> tuple[str, int] | None:
     """(name, size) of a USTAR/GNU regular-file header; None for an end-of-archive block."""
+    header = bytes(header)
     if len(header) < BLOCK:
         raise TarFormatError(f"{where}: truncated tar header ({len(header)} of {BLOCK} bytes)")
-    if header.count(0) == BLOCK:
+    if header == _ZERO_BLOCK:
         return None
     stored = header[148:156].split(b"\0", 1)[0].strip()
     try:
         expected = int(stored or b"0", 8)
     except ValueError:
         raise TarFormatError(f"{where}: tar header checksum field is not octal: {stored!r}") from None
-    actual = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    actual = int(np.frombuffer(header, dtype=np.uint8).sum(dtype=np.int64)) - sum(header[148:156]) + 8 * 32
     if actual != expected:
         raise TarFormatError(f"{where}: tar header checksum mismatch (corrupt or not a tar header)")
     name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -126,8 +130,9 @@ def parse_header(header: bytes, where: str) -> tuple[str, int] | None:
     return name, size
 
 
-def parse_sample(data: bytes, where: str) -> list[Member]:
-    """Members of one sample's byte range (from its first header to the next sample's)."""
+def parse_sample(data, where: str) -> list[Member]:
+    """Members of one sample's byte range (from its first header to the next sample's); member
+    data are slices of `data` (zero-copy when `data` is a memoryview)."""
     members: list[Member] = []
     pos = 0
     while pos < len(data):
