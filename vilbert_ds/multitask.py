@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -360,9 +359,15 @@ class MultiTaskTrainer:
     def evaluate(self, task: str, max_batches: int | None = None) -> tuple[dict[str, float], Any]:
         """Collective: every rank scores its slice; the records are merged without duplicates."""
         self.engine.eval()
+        family, model, loader = self.families[task], self.engine.module.model, self.eval_loaders[task]
+        # families whose metric is not per example (retrieval ranks everything against everything)
+        # evaluate a whole split themselves and return the merged metric
+        evaluate_split = getattr(family, "evaluate_split", None)
         try:
-            metric = evaluate_task(self.engine.module.model, self.families[task], self.eval_loaders[task],
-                                   self.engine.device, self.float_dtype, max_batches).gather()
+            if evaluate_split is not None:
+                metric = evaluate_split(model, loader, self.engine.device, float_dtype=self.float_dtype)
+            else:
+                metric = evaluate_task(model, family, loader, self.engine.device, self.float_dtype, max_batches).gather()
         finally:
             self.engine.train()
         return metric.result(), metric

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..data import storage
 from ..data.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_source, shard_name, stats_name
