@@ -93,11 +93,16 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
+CHUNK = "2MiB"  # ranged-read size: several reads in flight even within the bench's ~6 MB shards
+
+
 def _raw_read(urls: list[str], sizes: list[int], storage_options: dict, parallel: int) -> None:
+    from vilbert_ds.data.config import parse_bytes
     from vilbert_ds.data.storage import RangeReader
 
     for url, size in zip(urls, sizes):
-        for _ in RangeReader(url, 0, size, storage_options=storage_options, chunk_bytes=8 << 20, parallel=parallel):
+        for _ in RangeReader(url, 0, size, storage_options=storage_options, chunk_bytes=parse_bytes(CHUNK),
+                             parallel=parallel):
             pass
 
 
@@ -159,7 +164,7 @@ def run(images: int = 96, boxes: int = 36, batch: int = 32, repeats: int = 3, s3
 
         def cfg(url, opts=None):
             return DataConfig(train=url, storage_options=opts or {}, vocab=vocab, num_workers=0, max_regions=boxes,
-                              shuffle_bytes=window, read_chunk_bytes="8MiB", readahead_chunks=parallel_reads)
+                              shuffle_bytes=window, read_chunk_bytes=CHUNK, readahead_chunks=parallel_reads)
 
         local = _Pipeline(cfg(str(shard_dir / "manifest.json")), batch)
         local()  # warm: page cache, imports
@@ -198,7 +203,7 @@ def run(images: int = 96, boxes: int = 36, batch: int = 32, repeats: int = 3, s3
 def table(r: dict[str, Any]) -> str:
     lines = [f"data pipeline, one worker: {r['samples']} samples x {r['boxes']} regions "
              f"({r['sample_bytes'] / 1e3:.0f} KB/sample), micro-batch {r['batch']}, shuffle window "
-             f"{r['shuffle_bytes']}, {r['parallel_reads']} reads in flight, best of {r['repeats']}",
+             f"{r['shuffle_bytes']}, {r['parallel_reads']} reads of {CHUNK} in flight, best of {r['repeats']}",
              f"{'source':<8} {'raw read':>12} {'raw tar':>12} {'pipeline':>12}   ratios",
              f"{'local':<8} {r['local']['raw_read']:>10.0f}/s {r['local']['raw_tar']:>10.0f}/s "
              f"{r['local']['pipeline']:>10.0f}/s   pipeline/raw_tar {r['local']['pipeline_vs_raw_tar']:.2f}, "

@@ -121,10 +121,10 @@ class PretrainCollate:
         lm[1:n + 1] = np.where(chosen, tokens, -1)
         mask[: n + 2] = 1
 
-    def _regions(self, s: Sample, rng: np.random.Generator, feat: np.ndarray, loc: np.ndarray,
-                 image_mask: np.ndarray, label: np.ndarray, target: np.ndarray) -> int:
-        """Fills one image's regions 1..R of feat [R+1, D], loc [R+1, 5], image_mask [R+1],
-        label [R], target [R, C]; returns the global region's denominator."""
+    def _regions(self, s: Sample, rng: np.random.Generator, feat: np.ndarray, boxes: np.ndarray,
+                 size: np.ndarray, chosen: np.ndarray, target: np.ndarray) -> None:
+        """Fills one image: regions 1..n of feat [R+1, D] (masked), boxes [R, 4], size [2] (w, h),
+        chosen [R] (masked-region targets), target [R, C]; padding rows are zeroed."""
         cfg = self.cfg
         n = min(s.features.shape[0], cfg.max_regions)
         regions = feat[1:n + 1]
@@ -136,24 +136,15 @@ class PretrainCollate:
             target[:n] = s.cls_prob[:n]
         else:
             target[:n] = s.features[:n]  # the unmasked features
-        boxes = s.boxes[:n]
-        w, h = float(s.meta["image_w"]), float(s.meta["image_h"])
-        loc[0] = (0, 0, 1, 1, 1)
-        loc[1:n + 1, 0], loc[1:n + 1, 1] = boxes[:, 0] / w, boxes[:, 1] / h
-        loc[1:n + 1, 2], loc[1:n + 1, 3] = boxes[:, 2] / w, boxes[:, 3] / h
-        loc[1:n + 1, 4] = (boxes[:, 3] - boxes[:, 1]) * (boxes[:, 2] - boxes[:, 0]) / (w * h)
+        boxes[:n] = s.boxes[:n]
+        size[0], size[1] = s.meta["image_w"], s.meta["image_h"]
         p = rng.random(n)
-        chosen = p < cfg.mask_prob
+        picked = p < cfg.mask_prob
         r = p / cfg.mask_prob if cfg.mask_prob > 0 else p
-        regions[chosen & (r < 0.9)] = 0
-        label[:n][chosen] = 1
-        overlap = 0
-        if chosen.any():
-            overlap = int((iou_matrix(boxes[chosen], boxes) > OVERLAP_IOU).any(axis=0).sum())
-        feat[n + 1:] = 0  # padding regions (the batch tensors are allocated uninitialised)
+        regions[picked & (r < 0.9)] = 0
+        chosen[:n] = picked
+        feat[n + 1:] = 0  # padding (the batch tensors are allocated uninitialised)
         target[n:] = 0
-        image_mask[: n + 1] = 1
-        return max(1, n - overlap)  # denominator of the global region (the caller sums in float32)
 
     def __call__(self, samples: list[Sample], epoch: int) -> PretrainBatch:
         if self.tokenizer is None:
@@ -182,16 +173,32 @@ class PretrainCollate:
         feat_t = torch.empty((B, R + 1, D), dtype=torch.float16)  # every element is written below
         target_t = torch.empty((B, R, C), dtype=torch.float16)
         feat, target = feat_t.numpy(), target_t.numpy()
-        loc = np.zeros((B, R + 1, 5), dtype=np.float32)
-        image_mask = np.zeros((B, R + 1), dtype=np.int64)
-        label = np.full((B, R), -1, dtype=np.int64)
-        denom = torch.empty(B, dtype=torch.float32)
+        boxes = np.zeros((B, R, 4), dtype=np.float32)
+        size = np.ones((B, 2), dtype=np.float32)
+        chosen = np.zeros((B, R), dtype=bool)
+        counts = np.array([min(s.features.shape[0], R) for s in samples])
         for i, (s, rng, ids) in enumerate(zip(samples, rngs, token_ids)):
             self._text(ids, rng, input_ids[i], attention[i], lm[i])
-            denom[i] = self._regions(s, rng, feat[i], loc[i], image_mask[i], label[i], target[i])
-        # global region: float32 sum of the (masked) float16 regions, once per batch (torch's half
-        # reductions are ~30x faster than numpy's); padding rows are zero
-        feat_t[:, 0] = (feat_t[:, 1:].sum(1, dtype=torch.float32) / denom[:, None]).to(torch.float16)
+            self._regions(s, rng, feat[i], boxes[i], size[i], chosen[i], target[i])
+        real = np.arange(R)[None, :] < counts[:, None]  # [B, R]
+        # locations (x1/W, y1/H, x2/W, y2/H, area/(W*H)), global region (0, 0, 1, 1, 1)
+        w, h = size[:, 0:1], size[:, 1:2]
+        loc = np.zeros((B, R + 1, 5), dtype=np.float32)
+        loc[:, 0] = (0, 0, 1, 1, 1)
+        loc[:, 1:, 0], loc[:, 1:, 1] = boxes[..., 0] / w, boxes[..., 1] / h
+        loc[:, 1:, 2], loc[:, 1:, 3] = boxes[..., 2] / w, boxes[..., 3] / h
+        loc[:, 1:, 4] = (boxes[..., 3] - boxes[..., 1]) * (boxes[..., 2] - boxes[..., 0]) / (w * h)
+        loc[:, 1:][~real] = 0
+        # overlap set: real regions with IoU > 0.4 to a masked one (incl. itself); it only
+        # shrinks the global region's denominator, as in the original
+        overlap = ((batched_iou(boxes) > OVERLAP_IOU) & chosen[:, :, None]).any(axis=1) & real
+        denom = np.maximum(1, counts - overlap.sum(axis=1)).astype(np.float32)
+        # global region: float32 sum of the (masked) float16 regions (padding rows are zero)
+        feat_t[:, 0] = (feat_t[:, 1:].sum(1, dtype=torch.float32) / torch.from_numpy(denom)[:, None]).to(torch.float16)
+        label = np.where(chosen, 1, -1).astype(np.int64)
+        image_mask = np.zeros((B, R + 1), dtype=np.int64)
+        image_mask[:, 0] = 1
+        image_mask[:, 1:] = real
         if cfg.objective == 1:  # no masked modelling on misaligned pairs
             lm[is_next == 1] = -1
             label[is_next == 1] = -1
@@ -202,6 +209,16 @@ class PretrainCollate:
             keys=[s.key for s in samples], masked_lm_labels=torch.from_numpy(lm), image_label=torch.from_numpy(label),
             image_target=target_t, is_next=torch.from_numpy(is_next),
         )
+
+
+def batched_iou(boxes: np.ndarray) -> np.ndarray:
+    """[B, R, R] IoU of absolute x1y1x2y2 boxes [B, R, 4] (+1 pixel convention, float32)."""
+    x1, y1, x2, y2 = (boxes[..., k] for k in range(4))
+    area = (x2 - x1 + 1) * (y2 - y1 + 1)
+    iw = np.minimum(x2[:, :, None], x2[:, None, :]) - np.maximum(x1[:, :, None], x1[:, None, :]) + 1
+    ih = np.minimum(y2[:, :, None], y2[:, None, :]) - np.maximum(y1[:, :, None], y1[:, None, :]) + 1
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    return inter / (area[:, :, None] + area[:, None, :] - inter)
 
 
 def load_caption_pool(url: str | None, cfg: DataConfig) -> list[str]:

@@ -108,6 +108,8 @@ def _builder(args):
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from .formats import InputError
     from .manifest import ManifestError
     from .sample import SampleError

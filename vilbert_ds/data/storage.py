@@ -331,7 +331,8 @@ class RangeReader:
 
     def __iter__(self) -> Iterator[bytes]:
         bounds = [(s, min(s + self.chunk_bytes, self.end)) for s in range(self.start, self.end, self.chunk_bytes)]
-        if self.parallel == 1 or len(bounds) <= 1:
+        if self.parallel == 1 or len(bounds) <= 1 or isinstance(self.backend, _LocalBackend):
+            # local files: sequential reads (the page cache reads ahead; threads only add overhead)
             for s, e in bounds:
                 yield self._read_chunk(s, e)
             return

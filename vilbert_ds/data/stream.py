@@ -58,8 +58,11 @@ def key_seed(key: str) -> tuple[int, int]:
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """The generator of one sample's randomness (masking, negatives): (seed, epoch, key) only."""
-    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, *key_seed(key)])
+    """The generator of one sample's randomness (masking, negatives): (seed, epoch, key) only.
+    One 64-bit hash of the three seeds an SFC64 generator (cheap to create per sample, unlike
+    default_rng(list), which costs ~10x more)."""
+    h = hashlib.blake2b(f"{seed}\x00{epoch}\x00{key}".encode("utf-8"), digest_size=8).digest()
+    return np.random.Generator(np.random.SFC64(int.from_bytes(h, "little")))
 
 
 # ---------------------------------------------------------------------------------------------
