@@ -402,6 +402,10 @@ def init_distributed(
                 f"{env.describe()}: process group setup failed within timeout_s={timeout_s:g}s: "
                 f"{_missing_ranks(store, env)}; cause: {_first_line(e)}"
             ) from e
+    # Safety net for entry points that end without shutdown_distributed(): a process group
+    # still alive at interpreter teardown sometimes aborts the process (gloo threads).
+    atexit.register(_destroy_at_exit)
+    if env.world_size > 1:
         watchdog_s, heartbeat_s = _watchdog_settings(watchdog_s, heartbeat_s, timeout_s)
         if watchdog_s:
             start_watchdog(env, _store_client(env, watchdog_s), watchdog_s, heartbeat_s)
@@ -509,6 +513,16 @@ def shutdown_distributed(timeout_s: float = 60.0) -> None:
             dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _destroy_at_exit() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway; never turn an exit into a traceback
+            pass
 
 
 # ----------------------------------------------------------------------------------------------
