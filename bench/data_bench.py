@@ -192,6 +192,7 @@ def run(images: int = 96, boxes: int = 36, batch: int = 32, repeats: int = 3, s3
                 out["s3"] = {"raw_read": n / t_raw_s3, "pipeline": n / t_pipe_s3, "raw_read_MBps": total_bytes / t_raw_s3 / 1e6}
                 out["s3"]["pipeline_vs_local_pipeline"] = out["s3"]["pipeline"] / out["local"]["pipeline"]
                 out["s3"]["raw_read_vs_local_raw_read"] = out["s3"]["raw_read"] / out["local"]["raw_read"]
+                out["s3"]["pipeline_vs_raw_read"] = out["s3"]["pipeline"] / out["s3"]["raw_read"]
             finally:
                 server.close()
     finally:
@@ -210,6 +211,7 @@ def table(r: dict[str, Any]) -> str:
              f"pipeline/raw_read {r['local']['pipeline_vs_raw_read']:.2f}"]
     if "s3" in r:
         lines.append(f"{'s3':<8} {r['s3']['raw_read']:>10.0f}/s {'':>12} {r['s3']['pipeline']:>10.0f}/s   "
+                     f"pipeline/raw_read {r['s3']['pipeline_vs_raw_read']:.2f}, "
                      f"pipeline s3/local {r['s3']['pipeline_vs_local_pipeline']:.2f}, "
                      f"raw read s3/local {r['s3']['raw_read_vs_local_raw_read']:.2f}")
     lines.append(f"raw read MB/s: local {r['local']['raw_read_MBps']:.0f}"
