@@ -422,9 +422,11 @@ def make_scene_tasks(root: str | os.PathLike, tasks: list[str] | tuple[str, ...]
 def learning_check(registry_path: str | os.PathLike, task: str, steps: int, *, blind: bool = False, lr: float = 1e-3,
                    micro_batch: int = 8, seed: int = 0) -> dict[str, float]:
     """Trains a tiny ViLBERT on one task's (built) shards in-process for `steps` updates and returns
-    its validation score before and after. `blind=True` zeroes every region feature (boxes stay),
-    the text-only baseline: the synthetic texts name objects by colour and noun, which only the
-    features show."""
+    its validation score before and after. `blind=True` is the text-only baseline: every example
+    sees the region features of the *next* example of its batch (its own boxes stay), so the
+    model gets image-shaped input that carries no information about its own image (zeroed
+    features would instead silence the multiplicative fusion altogether). The synthetic texts
+    name objects by colour and noun, which only the features show."""
     import torch
 
     from ..model import ViLBert
@@ -440,8 +442,9 @@ def learning_check(registry_path: str | os.PathLike, task: str, steps: int, *, b
 
     def prepare(batch):
         batch = batch.to("cpu", float_dtype=torch.float32)
-        if blind:
-            batch.image_feat.zero_()
+        if blind:  # rows of an example are consecutive; shift by one example's rows
+            rows = int(batch.row_offsets[1] - batch.row_offsets[0])
+            batch.image_feat = torch.roll(batch.image_feat, shifts=rows, dims=0)
         return batch
 
     def validate(model) -> float:
