@@ -97,6 +97,10 @@ def test_collate_flattens_nlvr2_pairs_and_builds_soft_targets(registry):
     vqa = build_family(registry["vqa"], tok)
     v = next(iter(build_task_loader(vqa, "trainval", data, rank=0, world_size=1, micro_batch_size=4, seed=0)))
     assert v.target.shape == (4, 3129) and ((v.target > 0).sum(1) >= 1).all() and v.target.max() <= 1.0
+    # batch keys are the original example ids (SNLI-VE pairIDs keep their dots; sample keys cannot)
+    snli = build_family(registry["snli_ve"], tok)
+    s = next(iter(build_task_loader(snli, "train", data, rank=0, world_size=1, micro_batch_size=2, seed=0)))
+    assert all(".jpg#" in k for k in s.keys), s.keys
     # the global region is the mean of the detected ones
     feats = v.image_feat.float()
     n = int(v.image_mask[0].sum())

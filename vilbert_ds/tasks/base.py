@@ -265,7 +265,8 @@ def collate_rows(examples: Sequence[Mapping[str, Any]], task_id: int) -> dict[st
     [(image_feat [R, 2048], image_loc [R, 5]), ...]; an example contributes
     max(len(texts), len(images)) rows, a single text or image being repeated across its rows
     (NLVR2: one sentence, two images -> rows 2i, 2i+1). Padding is to the longest row of the
-    batch; masks mark real tokens / regions."""
+    batch; masks mark real tokens / regions. `keys` are the examples' original ids
+    (`example_id`, e.g. an SNLI-VE pairID with its dots) where given, else the sample keys."""
     texts, images, offsets = [], [], [0]
     for ex in examples:
         t, v = ex["texts"], ex["images"]
@@ -285,7 +286,7 @@ def collate_rows(examples: Sequence[Mapping[str, Any]], task_id: int) -> dict[st
         image_mask=torch.from_numpy(pad_stack([np.ones(len(v[0]), dtype=np.int64) for v in images])),
         task_ids=torch.full((ids.shape[0], 1), int(task_id), dtype=torch.int64),
         row_offsets=torch.as_tensor(offsets, dtype=torch.int64),
-        keys=[str(ex["key"]) for ex in examples],
+        keys=[str(ex.get("example_id", ex["key"])) for ex in examples],
     )
 
 

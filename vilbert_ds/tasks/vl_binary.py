@@ -47,7 +47,7 @@ class VLBinaryFamily(TaskFamily):
 
     def preprocess(self, sample: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         task = self.task_record(sample)
-        return {"key": sample["__key__"], "texts": [self.encode(task["text"])],
+        return {"key": sample["__key__"], "example_id": task["example_id"], "texts": [self.encode(task["text"])],
                 "images": [self.image(sample, ""), self.image(sample, "img1")], "label": int(task["label"])}
 
     def collate(self, examples: Sequence[Mapping[str, Any]]) -> LabelBatch:

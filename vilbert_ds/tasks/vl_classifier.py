@@ -184,6 +184,7 @@ class VLClassifierFamily(TaskFamily):
         task = self.task_record(sample)
         return {
             "key": sample["__key__"],
+            "example_id": task["example_id"],
             "texts": [self.encode(task["question"])],
             "images": [self.image(sample)],
             "labels": np.asarray(task.get("labels", []), dtype=np.int64),

@@ -83,8 +83,8 @@ class VLTriFamily(TaskFamily):
 
     def preprocess(self, sample: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         task = self.task_record(sample)
-        return {"key": sample["__key__"], "texts": [self.encode(task["text"])], "images": [self.image(sample)],
-                "label": int(task["label"])}
+        return {"key": sample["__key__"], "example_id": task["example_id"], "texts": [self.encode(task["text"])],
+                "images": [self.image(sample)], "label": int(task["label"])}
 
     def collate(self, examples: Sequence[Mapping[str, Any]]) -> LabelBatch:
         fields = collate_rows(examples, self.config.id)
