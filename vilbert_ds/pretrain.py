@@ -118,7 +118,7 @@ def run(cfg: TrainConfig, settings, env: DistEnv, resume: str = "none",
     plan = plan_resume(resume, ckpt_dir, world_size=env.world_size, zero_stage=settings.zero_stage,
                        precision=settings.precision)
     init_distributed(env, init_timeout_s=cfg.train.init_timeout_s, timeout_s=cfg.train.timeout_s)
-    from .preemption import StopSignal, requeue_slurm_job
+    from .preemption import StopSignal, finish_stop
 
     stop = StopSignal(check_every=cfg.train.check_stop_every)  # armed before the slow part
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -172,8 +172,8 @@ def run(cfg: TrainConfig, settings, env: DistEnv, resume: str = "none",
     finally:
         logger.close()
         stop.restore()
-    if status == EXIT_PREEMPTED and env.is_main and env.launcher == "slurm":
-        requeue_slurm_job(env.job_id)
+    if status == EXIT_PREEMPTED:
+        status = finish_stop(env, stop)  # requeues the job under SLURM (rank 0); EXIT_STOPPED == 75
     if env.is_main:
         _print_summary(run_dir, trainer, status)
     return status
