@@ -45,7 +45,7 @@ def test_families_train_on_the_engine_and_evaluate(tmp_path, repo_root):
     val = {"refcoco": "val", "visual7w": "val", "retrieval_flickr30k": "val", "vcr_q_a": "val"}
     for task, split in val.items():
         result = json.loads((run / "eval" / f"{task}_{split}_metrics.json").read_text())
-        assert 0.0 <= result["score"] <= 1.0 and result["count"] > 0, task
+        assert 0.0 <= result["score"] <= 1.0 and result["count"] > 0, task  # retrieval: ranked (t2i R@1)
         assert json.loads((run / "eval" / f"{task}_{split}_predictions.json").read_text()), task
 
     def evaluate(*extra: str) -> dict:

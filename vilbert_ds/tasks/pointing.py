@@ -116,7 +116,8 @@ class PointingFamily(TaskFamily):
         where = f"task {self.name!r} sample {sample.get('__key__', '?')!r} (image {task.get('image_id')})"
         gt_index = match_boxes(cand_boxes, rows.boxes[rows.num_detected:], where)
         target = iou_targets(cand_boxes, task["ref_box"], self.options.iou_threshold)
-        return {"key": sample["__key__"], "texts": [self.encode(task["text"])], "images": [(rows.feat, rows.loc)],
+        return {"key": sample["__key__"], "example_id": task.get("example_id", sample["__key__"]),
+                "texts": [self.encode(task["text"])], "images": [(rows.feat, rows.loc)],
                 "candidate_rows": rows.num_detected + gt_index, "target": target,
                 "candidate_ids": list(task["candidate_ids"])}
 

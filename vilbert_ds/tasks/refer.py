@@ -172,7 +172,8 @@ class ReferFamily(TaskFamily):
         train = bool(task.get("train_targets")) and self.options.train_gt_boxes
         rows = region_rows(sample, self.config.max_region_num, with_gt=train)
         target = iou_targets(rows.boxes, task["ref_box"], self.options.iou_threshold if train else None)
-        return {"key": sample["__key__"], "texts": [self.encode(task["text"])], "images": [(rows.feat, rows.loc)],
+        return {"key": sample["__key__"], "example_id": task.get("example_id", sample["__key__"]),
+                "texts": [self.encode(task["text"])], "images": [(rows.feat, rows.loc)],
                 "target": target,
                 "info": {"sent_id": task["sent_id"], "ref_id": task["ref_id"], "image_id": task["image_id"],
                          "iou": target, "boxes": rows.boxes}}

@@ -215,6 +215,7 @@ class RankingMetric(TaskMetric):
         out["rsum"] = sum(out[f"{d}_R@{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10))
         out["score"] = out["t2i_R@1"] / 100.0
         out["captions"], out["images"] = float(len(self.captions)), float(len(images))
+        out["count"] = out["captions"]  # examples scored, as TaskMetric's result has it
         return out
 
     def rankings(self, top: int = 10) -> dict[str, list[dict[str, Any]]]:
@@ -331,7 +332,8 @@ class RetrievalFamily(TaskFamily):
     def preprocess(self, sample: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         task = self.task_record(sample)
         hard = task["hard_captions"]
-        return {"key": sample["__key__"], "image_id": str(task["image_id"]), "sent_id": str(task["sent_id"]),
+        return {"key": sample["__key__"], "example_id": task.get("example_id", sample["__key__"]),
+                "image_id": str(task["image_id"]), "sent_id": str(task["sent_id"]),
                 "caption": self.encode(task["caption"]), "hard": self.encode(hard[int(rng.integers(len(hard)))]),
                 "image": self.image(sample), "draws": rng.random(3), "hard_option": bool(task.get("hard_option"))}
 
@@ -358,7 +360,8 @@ class RetrievalFamily(TaskFamily):
                 opt4 = examples[j4]["caption"] if j4 is not None else ex["hard"]
                 fallbacks += j4 is None
             fallbacks += (j2 is None) + (j3 is None)
-            rows.append({"key": ex["key"], "texts": [ex["caption"], opt2, opt3[0], opt4],
+            rows.append({"key": ex["key"], "example_id": ex.get("example_id", ex["key"]),
+                         "texts": [ex["caption"], opt2, opt3[0], opt4],
                          "images": [ex["image"], ex["image"], opt3[1], ex["image"]]})
         fields = collate_rows(rows, self.config.id)
         return RetrievalBatch(**fields, label=torch.zeros(len(examples), dtype=torch.int64),

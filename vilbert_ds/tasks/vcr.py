@@ -169,7 +169,8 @@ class VCRFamily(TaskFamily):
             context = context + [self.tokenizer.sep_token_id] + words(task["answer"])
         texts = [self.encode_choice(context, words(choice)) for choice in task["choices"]]
         rows = region_rows(sample, self.config.max_region_num, with_gt=True, gt_priority=True, global_over_gt=True)
-        return {"key": sample["__key__"], "texts": texts, "images": [(rows.feat, rows.loc)], "label": int(task["label"]),
+        return {"key": sample["__key__"], "example_id": task.get("example_id", sample["__key__"]),
+                "texts": texts, "images": [(rows.feat, rows.loc)], "label": int(task["label"]),
                 "info": {"annot_id": task["annot_id"], "conditioned_on": task.get("conditioned_on")}}
 
     def collate(self, examples: Sequence[Mapping[str, Any]]) -> ChoiceBatch:
