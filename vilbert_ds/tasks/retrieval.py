@@ -9,8 +9,9 @@ becomes 4 model rows, made in `collate`:
   3. a random other image + the same caption;
   4. the same image + a *hard-negative* caption (training split) / a random caption (other splits).
 `vil_logit` [4B, 1] is reshaped to [B, 4]; loss = cross-entropy with target 0; score = 4-way
-accuracy (ties count as wrong: the answer is always option 0, which torch.max picks on ties). "Random" partners (options 2, 3, and 4 outside training) are drawn from the other
-examples of the same micro-batch (the stream is shuffled, so they are random examples of the
+accuracy (ties count as wrong: the answer is always option 0, which torch.max picks on ties).
+"Random" partners (options 2, 3, and 4 outside training) are drawn from the other examples of
+the same micro-batch (the stream is shuffled, so they are random examples of the
 split; draws come from each example's (seed, epoch, key) generator). A micro-batch in which every
 caption belongs to one image has no partner: the affected option falls back to a hard-negative
 caption with the true image (still a negative; counted in `fallback_negatives`). Unlike the
