@@ -1,8 +1,8 @@
 """The repository's own sbatch scripts, unchanged, on a real two-node SLURM cluster
 (tests/fixtures/slurm.py): a job array builds shards; a 2-node ZeRO-2 pretraining job gets its
-warning signal, saves, requeues itself, resumes and finishes with every step and every sample
-exactly once; a job whose node crashes comes back through --requeue and resumes from its last
-checkpoint."""
+warning signal, saves, requeues itself and resumes; then its node crashes, SLURM requeues it
+(--requeue) and it resumes from its last checkpoint; it finishes with every step and every
+sample exactly once. (One job for both stories: each SLURM run costs a full start-up.)"""
 from __future__ import annotations
 
 import json
@@ -73,49 +73,52 @@ def test_job_array_builds_the_same_shards_as_one_process(slurm, launch_inputs, t
     assert cli(["shards", "verify", str(out / "manifest.json")]) == 0
 
 
-def test_two_node_zero2_job_stops_on_its_warning_signal_requeues_and_resumes(slurm, launch_inputs, tmp_path):
+def test_two_node_zero2_job_survives_its_warning_signal_and_a_node_crash(slurm, launch_inputs, tmp_path):
+    """One 2-node ZeRO-2 pretraining job, three runs: (0) gets its warning signal, every rank
+    stops at the same step, saves, rank 0 requeues; (1) resumes right after that step, then its
+    batch node crashes (slurmd, slurmstepd and the rank, all SIGKILLed); SLURM notices, requeues
+    it (--requeue) and the node comes back; (2) resumes from the last complete checkpoint
+    (step 16) and finishes. Every step and every sample exactly once."""
     run_dir = tmp_path / "run"
-    job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--job-name=preempt",
+    job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--job-name=pretrain",
                         str(REPO / "slurm" / "pretrain.sbatch"), *launch_inputs.overrides(run_dir)],
                        env=_job_env(launch_inputs), cwd=tmp_path)
     _wait_for_step(slurm, job, run_dir, 3)
     # the warning SLURM sends before the time limit (--signal=USR1@N), delivered now
     slurm.run(["scancel", "--signal=USR1", job])
+
+    def resumed_past(step: int) -> bool:
+        rows = read_metrics(run_dir)
+        return any(r["run/restart_count"] == 1 and s >= step for s, r in rows.items())
+
+    deadline = time.monotonic() + 180
+    while not resumed_past(17):  # step 17 logged: the step-16 checkpoint is complete
+        assert time.monotonic() < deadline, f"no resumed run past step 17:\n{_job_log(tmp_path, job)[-4000:]}"
+        assert slurm.job(job).get("JobState") in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING")
+        time.sleep(0.3)
+    record = slurm.job(job)
+    assert record["Restarts"] == "1" and record["NodeList"] == "n[1-2]", record
+    batch_node = record["BatchHost"]
+    killed = slurm.crash_node(batch_node)  # the node dies with the batch script, srun and rank 0
+    assert len(killed) >= 3
+    deadline = time.monotonic() + 90
+    while slurm.job(job).get("Restarts") != "2":
+        assert time.monotonic() < deadline, f"not requeued after the node crash: {slurm.job(job)}\n{slurm.debug_tail()}"
+        time.sleep(0.5)
+    slurm.start_node(batch_node)  # the node reboots; ReturnToService=2 takes it back
     record = slurm.wait_job(job, timeout_s=240)[0]
     log = _job_log(tmp_path, job)
-    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", f"{record}\n{log[-4000:]}"
-    assert record["NodeList"] == "n[1-2]" and record["NumNodes"] == "2"
-    assert "restart 0, 2 tasks on n[1-2]" in log and "restart 1, 2 tasks on n[1-2]" in log, log[-4000:]
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "2", f"{record}\n{log[-4000:]}"
+    for restart in (0, 1, 2):
+        assert f"restart {restart}, 2 tasks on n[1-2]" in log, log[-4000:]
     assert "2 ranks (slurm)" in log and "ZeRO-2" in log
 
-    rows = read_metrics(run_dir)
+    rows = read_metrics(run_dir)  # a step logged twice keeps the later run's row
     assert sorted(rows) == list(range(1, 25)), sorted(rows)
-    first = [s for s, r in rows.items() if r["run/restart_count"] == 0]
-    second = [s for s, r in rows.items() if r["run/restart_count"] == 1]
-    stop = max(first)
-    assert 3 <= stop < 24 and first == list(range(1, stop + 1))
-    assert second == list(range(stop + 1, 25)), "the resumed run must continue right after the stop step"
+    by_run = {n: [s for s, r in rows.items() if r["run/restart_count"] == n] for n in (0, 1, 2)}
+    stop = max(by_run[0])
+    assert 3 <= stop < 16 and by_run[0] == list(range(1, stop + 1))
     assert f"saving at step {stop}" in log
-    _assert_every_sample_once(run_dir, 24, launch_inputs)
-
-
-def test_node_crash_brings_the_job_back_through_requeue(slurm, launch_inputs, tmp_path):
-    run_dir = tmp_path / "run"
-    job = slurm.sbatch(["--nodes=1", "--ntasks-per-node=2", "--job-name=crash",
-                        str(REPO / "slurm" / "pretrain.sbatch"), *launch_inputs.overrides(run_dir)],
-                       env=_job_env(launch_inputs), cwd=tmp_path)
-    _wait_for_step(slurm, job, run_dir, 10)  # the checkpoint of step 8 is complete
-    node = slurm.job(job)["NodeList"]
-    assert node in ("n1", "n2")
-    killed = slurm.crash_node(node)  # slurmd, slurmstepd and both ranks, at once
-    assert len(killed) >= 3
-    record = slurm.wait_job(job, timeout_s=240)[0]
-    log = _job_log(tmp_path, job)
-    assert record["JobState"] == "COMPLETED" and int(record["Restarts"]) >= 1, f"{record}\n{log[-4000:]}"
-    assert record["NodeList"] != node  # ran again on the node that is still up
-
-    rows = read_metrics(run_dir)
-    assert sorted(rows) == list(range(1, 25))
-    resumed = [s for s, r in rows.items() if r["run/restart_count"] >= 1]
-    assert resumed == list(range(9, 25)), "the requeued run resumes from the step-8 checkpoint"
+    assert by_run[1] == list(range(stop + 1, 17)), "run 1 continues right after the stop step"
+    assert by_run[2] == list(range(17, 25)), "run 2 resumes from the step-16 checkpoint"
     _assert_every_sample_once(run_dir, 24, launch_inputs)

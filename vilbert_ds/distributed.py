@@ -24,6 +24,7 @@ import datetime
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -43,6 +44,7 @@ DEFAULT_MASTER_PORT = 29500
 
 EXIT_PEER_LOST = 76  # a peer rank froze or died; the watchdog ended this rank (75 = stopped by a signal)
 DEFAULT_WATCHDOG_S = 120.0  # heartbeat silence that ends the job (capped by the collective timeout)
+DIAGNOSE_MAX_S = 10.0  # at most this long watching heartbeats to name a dead peer after an error
 
 LAUNCHERS = ("single", "torchrun", "deepspeed", "slurm", "mpi", "env")  # env: RANK etc. set by hand
 
@@ -631,7 +633,7 @@ class PeerWatchdog:
                     self._lost(
                         f"rank {r} ({self._host(r)}) sent no heartbeat for {now - changed[r]:.0f}s "
                         f"(watchdog_s={self.watchdog_s:g}): it is frozen (e.g. SIGSTOP) or dead; "
-                        f"its last step was {peer_step}, rank {self.env.rank} is at step {self.step}",
+                        f"its last heartbeat was at step {peer_step}, rank {self.env.rank} is at step {self.step}",
                         publish=True,
                     )
                     return
@@ -769,17 +771,25 @@ def _install_excepthook(env: DistEnv) -> None:
         wd = _watchdog
         if wd is not None:
             cause = f"{exc_type.__name__}: {_first_line(exc)}"
+            window_s = min(2.5 * wd.heartbeat_s, DIAGNOSE_MAX_S)
+            _say(f"{env.describe()} failed: {cause}; watching the peers' heartbeats for {window_s:.1f}s")
 
             def record_and_diagnose() -> str:
                 wd._store.set(f"failed/{env.rank}", cause)
-                # watches the peers' heartbeats for a few beats: silent ranks are killed or frozen
-                return wd.diagnose()
+                # silent ranks over a few beats are the killed or frozen ones
+                return wd.diagnose(window_s)
 
-            # Bounded: with rank 0 frozen, store calls never return.
-            ok, peers = _bounded(record_and_diagnose, 2.5 * wd.heartbeat_s + wd.watchdog_s)
+            # The launcher SIGTERMs the survivors as soon as one rank dies; the few seconds spent
+            # naming that rank are worth delaying it (torchrun and SLURM wait 30 s by default
+            # before SIGKILL). Bounded: with rank 0 frozen, store calls never return.
+            handler = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                ok, peers = _bounded(record_and_diagnose, window_s + 5)
+            finally:
+                signal.signal(signal.SIGTERM, handler)
             if not ok:
                 peers = wd._frozen_store_reason() if peers is None else f"unknown ({_first_line(peers)})"
-            _say(f"{env.describe()} failed: {cause}; peers: {peers}")
+            _say(f"{env.describe()}: peers: {peers}")
             wd.stop(exited=False)
         previous(exc_type, exc, tb)
 
