@@ -461,7 +461,7 @@ def _init_from_checkpoint(spec: str, run_dir: Path, env: DistEnv) -> str:
 
 def run(cfg: MultiTaskConfig, settings, env: DistEnv, *, cli_tasks: str | None = None, resume: str = "none") -> int:
     from .pretrain import setup_logging
-    from .preemption import StopSignal, requeue_slurm_job
+    from .preemption import StopSignal, finish_stop
 
     registry, chosen = resolve_tasks(cfg, cli_tasks)
     run_dir = Path(cfg.train.output_dir)
@@ -533,8 +533,8 @@ def run(cfg: MultiTaskConfig, settings, env: DistEnv, *, cli_tasks: str | None =
     finally:
         logger.close()
         stop.restore()
-    if status == EXIT_PREEMPTED and env.is_main and env.launcher == "slurm":
-        requeue_slurm_job(env.job_id)
+    if status == EXIT_PREEMPTED:
+        status = finish_stop(env, stop)  # requeues the job under SLURM (rank 0); exit status 75
     if env.is_main:
         what = "stopped by signal" if status == EXIT_PREEMPTED else "done"
         print(f"multitask {what}: iteration {trainer.state.iteration}/{total}, updates {trainer.state.updates}, "
