@@ -1,4 +1,4 @@
-"""Shards on a real S3 endpoint (moto's server on 127.0.0.1): build to the bucket, verify, stream
+"""Shards on real S3 endpoints on 127.0.0.1 (moto's server, then the npm s3rver when installed): build to the bucket, verify, stream
 with 2 workers, resume mid-epoch, survive a server restart and connections cut every MB, and
 name or count corrupt/unreadable shards. Credentials never show up in outputs."""
 from __future__ import annotations
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import s3fs
 
-from fixtures.s3 import ACCESS_KEY, SECRET_KEY
 from vilbert_ds.cli import main as cli
 from vilbert_ds.data.pretrain import build_pretrain_loader
 from vilbert_ds.data.sample import SampleError
@@ -24,14 +23,14 @@ IMAGES = 24  # x 36 regions with cls_prob: ~262 KB per sample, 4 shards of ~1.6 
 
 
 @pytest.fixture(scope="module")
-def s3_set(moto_s3, tmp_path_factory):
+def s3_set(s3_server, tmp_path_factory):
     """Synthetic TSV -> shards built straight into s3://BUCKET/cc and locally (for comparison)."""
-    moto_s3.create_bucket(BUCKET)
+    s3_server.create_bucket(BUCKET)
     root = tmp_path_factory.mktemp("s3set")
     inputs = write_tsv(str(root / "in"), SyntheticSpec(num_images=IMAGES, num_boxes=36, seed=9))
     common = ["shards", "build", "--format", "tsv", "--input", *inputs["features"], "--captions",
               inputs["captions_cc"], "--prefix", "cc", "--max-count", "6", "--no-progress"]
-    opts = moto_s3.storage_options()
+    opts = s3_server.storage_options()
     assert cli(common + ["--output", f"s3://{BUCKET}/cc", "--workers", "2", "--storage-options", json.dumps(opts)]) == 0
     assert cli(common + ["--output", str(root / "local")]) == 0
     return dict(url=f"s3://{BUCKET}/cc/manifest.json", local=root / "local", opts=opts)
@@ -59,7 +58,7 @@ def _features_by_key(local_dir):
     return out
 
 
-def test_build_to_bucket_is_identical_to_local_and_verifies(s3_set, moto_s3, capsys):
+def test_build_to_bucket_is_identical_to_local_and_verifies(s3_set, s3_server, capsys):
     fs = s3fs.S3FileSystem(**s3_set["opts"])
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}/cc", refresh=True))
     assert names == sorted(p.name for p in s3_set["local"].iterdir())  # no partial uploads left behind
@@ -68,13 +67,13 @@ def test_build_to_bucket_is_identical_to_local_and_verifies(s3_set, moto_s3, cap
     assert remote["shards"] == local["shards"]  # same bytes (sha256, offsets) straight to S3
     for name in names:
         blob = fs.cat_file(f"{BUCKET}/cc/{name}")
-        assert SECRET_KEY.encode() not in blob and ACCESS_KEY.encode() not in blob
+        assert s3_server.secret_key.encode() not in blob and s3_server.access_key.encode() not in blob
     assert cli(["shards", "verify", s3_set["url"], "--storage-options", json.dumps(s3_set["opts"])]) == 0
     out = capsys.readouterr()
-    assert "OK" in out.out and SECRET_KEY not in out.out + out.err
+    assert "OK" in out.out and s3_server.secret_key not in out.out + out.err
 
 
-def test_stream_two_workers_and_resume_exactly(s3_set, data_config):
+def test_stream_two_workers_and_resume_exactly(s3_set, data_config, s3_server):
     cfg = _cfg(data_config, s3_set, num_workers=2)
     full = [list(b.keys) for b in build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=4, seed=4)]
     assert len(full) == 6 and len({k for b in full for k in b}) == IMAGES
@@ -83,13 +82,13 @@ def test_stream_two_workers_and_resume_exactly(s3_set, data_config):
     seen = [list(next(it).keys) for _ in range(2)]
     state = json.loads(json.dumps(first.state_dict()))  # survives a JSON round trip (checkpoint client_state)
     del it
-    assert SECRET_KEY not in json.dumps(state)
+    assert s3_server.secret_key not in json.dumps(state)
     resumed = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=4, seed=4)
     resumed.load_state_dict(state)
     assert seen + [list(b.keys) for b in resumed] == full
 
 
-def test_server_restart_mid_stream_recovers(s3_set, data_config, moto_s3):
+def test_server_restart_mid_stream_recovers(s3_set, data_config, s3_server):
     cfg = _cfg(data_config, s3_set, num_workers=2, max_retries=8)
     loader = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=2, seed=6)
     keys = []
@@ -97,13 +96,13 @@ def test_server_restart_mid_stream_recovers(s3_set, data_config, moto_s3):
     for i, b in enumerate(loader):
         keys += b.keys
         if i == 0:  # workers are mid-stream now: take the server down for a second
-            restart = moto_s3.restart_later(0.0, 1.0)
+            restart = s3_server.restart_later(0.0, 1.0)
     restart.join(timeout=30)
     assert sorted(keys) == sorted(set(keys)) and len(keys) == IMAGES
     assert loader.last_report["substituted"] == 0 and loader.last_report["corrupt"] == 0
 
 
-def test_connections_cut_every_mb_lose_nothing(s3_set, data_config, cutting_proxy, caplog):
+def test_connections_cut_every_mb_lose_nothing(s3_set, data_config, cutting_proxy, s3_server, caplog):
     proxy = cutting_proxy(1_000_000)
     opts = dict(s3_set["opts"], endpoint_url=proxy.endpoint)
     cfg = _cfg(data_config, s3_set, storage_options=opts, num_workers=2, read_chunk_bytes="4MiB", shuffle_bytes="8MB")
@@ -122,10 +121,10 @@ def test_connections_cut_every_mb_lose_nothing(s3_set, data_config, cutting_prox
         np.testing.assert_array_equal(feats, reference[key][kept])
     assert proxy.cuts >= 3
     assert loader.last_report["resumed"] >= 1 and loader.last_report["substituted"] == 0
-    assert SECRET_KEY not in caplog.text and ACCESS_KEY not in caplog.text
+    assert s3_server.secret_key not in caplog.text and s3_server.access_key not in caplog.text
 
 
-def test_corrupt_and_missing_shards_are_named_or_counted(s3_set, data_config, moto_s3, caplog):
+def test_corrupt_and_missing_shards_are_named_or_counted(s3_set, data_config, s3_server, caplog):
     fs = s3fs.S3FileSystem(**s3_set["opts"])
     src = f"{BUCKET}/cc"
     dst = f"{BUCKET}/cc-bad"
@@ -154,7 +153,7 @@ def test_corrupt_and_missing_shards_are_named_or_counted(s3_set, data_config, mo
     rep = loader.last_report
     assert rep["corrupt"] == 1 and rep["bad_shards"] == [f"s3://{dst}/{manifest['shards'][2]['name']}"]
     assert rep["substituted"] == 1 + manifest["shards"][2]["count"]
-    assert f"s3://{dst}/{manifest['shards'][2]['name']}" in caplog.text and SECRET_KEY not in caplog.text
+    assert f"s3://{dst}/{manifest['shards'][2]['name']}" in caplog.text and s3_server.secret_key not in caplog.text
 
     fs.copy(f"{src}/{s1['name']}", f"{dst}/{s1['name']}")  # repair shard 1: now the missing shard is fatal
     fail = _cfg(data_config, s3_set, train=url, num_workers=0, shuffle=False, max_retries=1)
@@ -163,15 +162,14 @@ def test_corrupt_and_missing_shards_are_named_or_counted(s3_set, data_config, mo
             pass
 
 
-def test_http_brace_pattern_reads_the_same_samples(s3_set, data_config, moto_s3):
+def test_http_brace_pattern_reads_the_same_samples(s3_set, data_config, s3_server):
     """http(s):// goes through fsspec's HTTP filesystem (ranged GETs): the bucket's public URLs."""
-    import boto3
-
-    boto3.client("s3", endpoint_url=moto_s3.endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-                 region_name="us-east-1").put_bucket_policy(Bucket=BUCKET, Policy=json.dumps({
+    if not s3_server.supports_policies:
+        pytest.skip(f"{s3_server.name} has no bucket policies (anonymous HTTP reads)")
+    s3_server.client().put_bucket_policy(Bucket=BUCKET, Policy=json.dumps({
                      "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
                                                             "Resource": f"arn:aws:s3:::{BUCKET}/*"}]}))
-    pattern = f"{moto_s3.endpoint}/{BUCKET}/cc/cc-{{000000..000003}}.tar"
+    pattern = f"{s3_server.endpoint}/{BUCKET}/cc/cc-{{000000..000003}}.tar"
     http = build_pretrain_loader(_cfg(data_config, s3_set, train=pattern, storage_options={}, num_workers=0),
                                  rank=0, world_size=1, micro_batch_size=4, seed=3)
     s3 = build_pretrain_loader(_cfg(data_config, s3_set, num_workers=0), rank=0, world_size=1, micro_batch_size=4, seed=3)

@@ -88,6 +88,26 @@ def get_fs(url: str, storage_options: dict | None = None):
     return _url_to_fs(url, **(storage_options or {}))
 
 
+_INHERITED: list = []  # filesystem instances a forked child got from its parent; never used, never closed
+
+
+def forget_inherited_filesystems() -> None:
+    """In a forked child: drop the parent's cached fsspec instances without closing them.
+    Their async sessions belong to the parent's event loop; closing them from the child fails
+    ("attached to a different loop") and stalls. Call first thing in a forked worker."""
+    from fsspec.spec import AbstractFileSystem
+
+    stack = [AbstractFileSystem]
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        cache = getattr(cls, "_cache", None)
+        if cache:
+            _INHERITED.extend(cache.values())
+            cache.clear()
+        cls._pid = os.getpid()
+
+
 def with_retries(fn: Callable, what: str, *, retries: int = 6, backoff_s: float = 0.25,
                  on_retry: Callable[[], None] | None = None):
     """Calls fn() and retries transient errors with exponential backoff (capped at 8 s)."""

@@ -436,6 +436,7 @@ class EpochDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             torch.set_num_threads(1)  # decode/mask are numpy; one thread per worker process
+            storage.forget_inherited_filesystems()  # never touch the parent's S3/HTTP sessions
         spec = self.spec
         lay = spec.layout
         if len(spec.blocks) != workers:

@@ -301,7 +301,7 @@ class ShardBuilder:
                 global _ACTIVE
                 _ACTIVE = self
                 ctx = mp.get_context("fork")  # workers inherit the index and captions
-                with ctx.Pool(min(cfg.workers, len(todo))) as pool:
+                with ctx.Pool(min(cfg.workers, len(todo)), initializer=storage.forget_inherited_filesystems) as pool:
                     for st in pool.imap_unordered(_build_in_worker, todo):
                         samples, nbytes, dropped = samples + st["count"], nbytes + st["bytes"], dropped + len(st["dropped"])
                         bar.update(st["count"] + len(st["dropped"]))
