@@ -68,6 +68,11 @@ def test_deepspeed_launcher_inside_a_slurm_batch_script():
     assert (env.launcher, env.rank, env.world_size, env.slurm_job_id) == ("deepspeed", 1, 2, "77")
 
 
+def test_one_task_batch_script_is_a_single_process():
+    env = DistEnv.from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "9", "SLURM_NODELIST": "n1"})
+    assert (env.launcher, env.world_size, env.slurm_job_id, env.master_addr) == ("slurm", 1, "9", "n1")
+
+
 def test_explicit_rank_variables():
     env = DistEnv.from_env({"RANK": "1", "WORLD_SIZE": "3", "MASTER_PORT": "1000"})
     assert (env.launcher, env.rank, env.local_rank, env.local_world_size, env.num_nodes) == ("env", 1, 1, 3, 1)
@@ -142,6 +147,7 @@ def test_mpi_across_nodes_needs_master_addr():
         (dict(SRUN, SLURM_STEP_NODELIST="n[1-2"), "unbalanced brackets"),
         (dict(SRUN, SLURM_STEP_TASKS_PER_NODE="2(x"), "cannot parse"),
         (dict(SRUN, SLURM_RESTART_COUNT="-1"), "negative"),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "9"}, "start the ranks with `srun"),
     ],
 )
 def test_bad_environments_name_the_variable(environ, match):

@@ -19,7 +19,7 @@ import pytest
 from fixtures.slurm import read_metrics
 from vilbert_ds.distributed import EXIT_PEER_LOST
 
-pytestmark = [pytest.mark.multinode, pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.multinode, pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(540)]
 
 REPO = Path(__file__).resolve().parents[1]
 WATCHDOG_S = 8  # heartbeat silence that ends the job; the bound below follows from it

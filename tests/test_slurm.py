@@ -15,7 +15,7 @@ import pytest
 from fixtures.slurm import read_metrics
 from vilbert_ds.trainer import read_sample_log
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(480)]  # hard bound per test
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,3 +122,19 @@ def test_two_node_zero2_job_survives_its_warning_signal_and_a_node_crash(slurm, 
     assert by_run[1] == list(range(stop + 1, 17)), "run 1 continues right after the stop step"
     assert by_run[2] == list(range(17, 25)), "run 2 resumes from the step-16 checkpoint"
     _assert_every_sample_once(run_dir, 24, launch_inputs)
+
+
+def test_sbatch_scripts_start_their_entry_points(slurm, tmp_path):
+    """multitask / finetune / eval: submitted unchanged, srun starts the right module (asked for
+    its --help, so no task data is needed) with the script's own arguments in front."""
+    env = {"PYTHON": sys.executable, "DS_ACCELERATOR": "cpu"}
+    jobs = {name: slurm.sbatch([str(REPO / "slurm" / f"{name}.sbatch"), "--help"], env=env, cwd=tmp_path)
+            for name in ("multitask", "finetune", "eval")}
+    usage = {"multitask": "vilbert_ds.multitask", "finetune": "vilbert_ds.finetune", "eval": "vilbert_ds.evaluate"}
+    for name, job in jobs.items():
+        record = slurm.wait_job(job, timeout_s=120)[0]
+        log = _job_log(tmp_path, job)
+        assert record["JobState"] == "COMPLETED", f"{name}: {record}\n{log[-3000:]}"
+        assert f"vilbert-ds {name}: job {job} restart 0, 1 tasks on" in log
+        assert "usage:" in log and usage[name] in log, log[-3000:]
+        assert record["Requeue"] == "1"

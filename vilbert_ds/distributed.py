@@ -264,6 +264,12 @@ class DistEnv:
         world = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
         if world is None:
             raise DistEnvError("slurm launch: SLURM_PROCID is set but SLURM_NTASKS is not (start ranks with srun)")
+        if world > 1 and "SLURM_STEP_ID" not in env:
+            # the batch script itself: one process where the job asked for `world` tasks
+            raise DistEnvError(
+                f"slurm job {job_id}: SLURM_NTASKS={world} but this process is the batch script, not an srun "
+                "task; start the ranks with `srun python -m ...` (see slurm/pretrain.sbatch)"
+            )
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
         nodes = expand_nodelist(nodelist) if nodelist else [host]
         num_nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", default=len(nodes))
