@@ -21,7 +21,7 @@ from torch import nn
 from .checkpoint import CheckpointError, CheckpointManager, plan_resume
 from .config import ConfigError, ModelSection, TrainConfig, split_overrides
 from .data.batch import PretrainBatch
-from .distributed import DistEnv, init_distributed
+from .distributed import DistEnv, init_distributed, shutdown_distributed
 from .engine import (DeepSpeedConfigError, build_engine, enable_activation_checkpointing, engine_float_dtype, load_ds_config,
                      param_groups, read_batch_sizes, text_stream_scale, validate_ds_config, warmup_steps_for,
                      WarmupLinearSchedule)
@@ -174,6 +174,8 @@ def run(cfg: TrainConfig, settings, env: DistEnv, resume: str = "none",
         stop.restore()
     if status == EXIT_PREEMPTED:
         status = finish_stop(env, stop)  # requeues the job under SLURM (rank 0); EXIT_STOPPED == 75
+    else:
+        shutdown_distributed()  # all ranks leave together: barrier + destroy_process_group
     if env.is_main:
         _print_summary(run_dir, trainer, status)
     return status
