@@ -603,6 +603,14 @@ class PeerWatchdog:
         self._store.set(f"hb/{self.env.rank}", f"{self._beat} {self.step}")
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        except Exception:  # noqa: BLE001 - a watchdog bug must not end a healthy job
+            log.exception("watchdog on rank %d failed; this rank is no longer watched", self.env.rank)
+            self._stop.set()
+            _bounded(lambda: self._store.set(f"exited/{self.env.rank}", "watchdog failed"), self.heartbeat_s + 5)
+
+    def _watch(self) -> None:
         watched = list(range(self.env.world_size)) if self.env.rank == 0 else [0]
         watched = [r for r in watched if r != self.env.rank]
         last: dict[int, str] = {}
