@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the SLURM and multi-node tests start for real (no systemd).
-# Needs root; elsewhere it says what to install and those tests skip with that reason.
-set -euo pipefail
+# Installs the Debian packages the SLURM and multi-node tests start for real (no systemd):
+# slurm-wlm (slurmctld, slurmd, srun, sbatch), munge, openssh-server/-client, pdsh.
+# Needs root; elsewhere, or when apt cannot install them, it says what is missing and exits 0:
+# the suite still runs and those tests skip with that reason (tests/fixtures/slurm.py).
+set -uo pipefail
 need=()
-command -v slurmctld >/dev/null || need+=(slurm-wlm)
-command -v munged >/dev/null || need+=(munge)
+command -v slurmctld >/dev/null || [ -x /usr/sbin/slurmctld ] || need+=(slurm-wlm)
+command -v munged >/dev/null || [ -x /usr/sbin/munged ] || need+=(munge)
 command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh >/dev/null || need+=(openssh-client)
 command -v pdsh >/dev/null || need+=(pdsh)
@@ -14,5 +16,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }; then
+  echo "system_deps: apt-get could not install ${need[*]}; the SLURM/multi-node tests will skip" >&2
+fi
+exit 0
