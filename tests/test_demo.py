@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 def test_demo_runs_end_to_end(tmp_path, python, repo_root):
     out = tmp_path / "demo"
     done = subprocess.run(
-        [python, "-m", "vilbert_ds.cli", "demo", "--out", str(out), "--images", "48", "--epochs", "2",
+        [python, "-m", "vilbert_ds.cli", "demo", "--out", str(out), "--images", "96", "--epochs", "2",
          "--ranks", "1", "--timeout", "300"],
         cwd=repo_root, capture_output=True, text=True, timeout=700,
     )
@@ -23,7 +23,7 @@ def test_demo_runs_end_to_end(tmp_path, python, repo_root):
         assert line in done.stdout, line
     run = out / "run"
     assert (run / "metrics.png").stat().st_size > 10_000
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000012"  # 2 epochs x 48 / 8
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000012"  # 2 epochs x 96 / 16
     assert (out / "model" / "model.safetensors").exists() and (out / "model" / "config.json").exists()
     logged = (out / "train_stdout.log").read_text()
     assert "resumed from" in logged and "step00000006" in logged  # stopped halfway, then resumed
@@ -33,4 +33,4 @@ def test_demo_runs_end_to_end(tmp_path, python, repo_root):
     from vilbert_ds import load_model
 
     model = load_model(out / "model")
-    assert model.config.hidden_size == 384  # the MiniLM text stream
+    assert model.config.hidden_size == 64 and not model.config.with_task_heads  # the demo preset's model
