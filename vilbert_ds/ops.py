@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_OPS = ("FusedAdamBuilder", "CPUAdamBuilder")
+# ShareMemCommBuilder: DeepSpeed's comm layer loads it on the CPU accelerator at every
+# init_distributed, whatever the optimizer; unbuilt, the ranks of the first launch race to build it.
+DEFAULT_OPS = ("FusedAdamBuilder", "CPUAdamBuilder", "ShareMemCommBuilder")
 
 
 def extensions_dir() -> Path:
