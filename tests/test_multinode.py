@@ -43,6 +43,13 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {step: row["train/loss"] for step, row in read_metrics(run_dir).items()}
 
 
+def _built_ops() -> dict[str, float]:
+    """{op .so: mtime} in the project's TORCH_EXTENSIONS_DIR (what `python -m vilbert_ds.ops build` made)."""
+    from vilbert_ds.ops import extensions_dir
+
+    return {str(p): p.stat().st_mtime for p in extensions_dir().glob("*/*.so")}
+
+
 def _rows_after(run_dir: Path, offset: int) -> dict[int, float]:
     """{step: loss} of the rows appended to metrics.jsonl after byte `offset` (one launch's)."""
     import json
@@ -189,6 +196,7 @@ def test_two_node_launches_kill_freeze_resume_and_agree(sshd_nodes, launch_input
     assert all(second[s] == first[s] for s in (9, 10)), "a resumed run repeats the same steps exactly"
 
     # 3. the hostfile launcher resumes the same run from the last complete checkpoint, finishes
+    built = _built_ops()
     status, log = _hostfile_launch(sshd_nodes, launch_inputs, run_dir, tmp_path)
     assert status == 0, log[-5000:]
     assert "n1: " in log and "n2: " in log, log[-3000:]  # pdsh prefixes each node's output
@@ -197,7 +205,7 @@ def test_two_node_launches_kill_freeze_resume_and_agree(sshd_nodes, launch_input
     assert "DS_ACCELERATOR=cpu" in env_file and "TORCH_EXTENSIONS_DIR=" in env_file
     assert f"VILBERT_DS_WATCHDOG_S={WATCHDOG_S}" in env_file
     assert str(Path(sys.executable).parent) in (tmp_path / ".deepspeed_env.venv.sh").read_text()
-    assert "Building extension" not in log and "Emitting ninja" not in log  # the nodes reused the ops
+    assert built and _built_ops() == built, "a node rebuilt DeepSpeed's ops (another ninja on PATH?)"
     final = _losses(run_dir)
     assert sorted(final) == list(range(1, 25))
     # same checkpoint, data, seeds and 2-rank ZeRO-2 world: torchrun and deepspeed agree
