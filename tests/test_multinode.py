@@ -6,6 +6,7 @@ launch then resumes from the last complete checkpoint, finishes, and agrees with
 loss of every step both computed."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -90,6 +91,7 @@ class TorchrunJob:
 
     def __init__(self, inputs, run_dir: Path, logs: Path, attempt: int, port: int):
         self.procs: list[subprocess.Popen] = []
+        self.workers: set[int] = set()  # worker pids seen, killed at the end whatever happened
         self.logs = [logs / f"torchrun{attempt}.n{i + 1}.log" for i in range(2)]
         for i, (node, addr) in enumerate((("n1", "127.0.0.2"), ("n2", "127.0.0.3"))):
             env = _base_env(inputs)
@@ -107,7 +109,8 @@ class TorchrunJob:
         """pid of the training process with global rank `rank` (a child of one agent)."""
         for agent in self.procs:
             for child in _children(agent.pid):
-                if f"RANK={rank}" in _environ(child) and "TORCHELASTIC_RUN_ID" in _environ(child):
+                if f"\nRANK={rank}\n" in _environ(child) and "TORCHELASTIC_RUN_ID" in _environ(child):
+                    self.workers.add(child)
                     return child
         raise AssertionError(f"no worker with RANK={rank}")
 
@@ -118,10 +121,18 @@ class TorchrunJob:
         return [p.returncode for p in self.procs]
 
     def kill(self) -> None:
+        """SIGKILL the agents and every worker, including a stopped one whose agent is gone
+        (torchrun's workers live in their own sessions; an orphan would stay stopped forever)."""
+        pids = set(self.workers)
+        for p in self.procs:
+            pids.update(_children(p.pid))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for p in self.procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
+            p.wait(timeout=30)
 
 
 def _children(pid: int) -> list[int]:
