@@ -18,6 +18,7 @@
 #   TORCH_EXTENSIONS_DIR  where DeepSpeed's built ops live, the same on every node
 #                  (default: `python -m vilbert_ds.ops where`)
 #   PDSH_SSH_ARGS_APPEND  extra ssh options (identity file, known-hosts policy)
+#   LAUNCHER_ARGS  extra deepspeed launcher flags, e.g. "--no_ssh_check" (its check uses plain ssh)
 # Variables that must reach the other nodes (DS_ACCELERATOR, TORCH_EXTENSIONS_DIR, NCCL_*,
 # GLOO_*, WANDB_*, VILBERT_DS_*, ...) go into a generated .deepspeed_env, and a generated
 # venv script puts this Python's bin directory first on PATH over ssh, so the nodes use this
@@ -35,5 +36,7 @@ venv=$("$PYTHON" -m vilbert_ds.distributed hostfile-env --env-file "$DS_ENV_FILE
 args=(--hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}"
       --launcher pdsh --venv_script "$venv")
 [ -n "${SSH_PORT:-}" ] && args+=(--ssh_port "$SSH_PORT")
+# shellcheck disable=SC2206 # word splitting of LAUNCHER_ARGS is intended
+args+=(${LAUNCHER_ARGS:-})
 exec "$PYTHON" -m deepspeed.launcher.runner "${args[@]}" --module "vilbert_ds.$ENTRY" \
   "${config[@]}" --deepspeed "${DS_CONFIG:-$REPO/ds_configs/zero2.json}" --resume "${RESUME:-auto}" "$@"
