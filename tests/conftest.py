@@ -12,6 +12,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+
 from vilbert_ds.ops import extensions_dir  # noqa: E402
 
 extensions_dir()  # a stable TORCH_EXTENSIONS_DIR for every rank the tests start
@@ -25,3 +27,13 @@ pytest_plugins = [
     "fixtures.tasks",
     "fixtures.slurm",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """A test that starts torch.distributed in-process exports RANK, WORLD_SIZE,
+    LOCAL_WORLD_SIZE, ...; later tests' launchers would inherit them. Put os.environ back."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -234,9 +234,16 @@ class DistEnv:
             raise DistEnvError(f"{launcher} launch: RANK={rank} is set but WORLD_SIZE is not")
         # torchrun: LOCAL_WORLD_SIZE, GROUP_RANK, GROUP_WORLD_SIZE;
         # deepspeed launcher: LOCAL_SIZE, CROSS_RANK, CROSS_SIZE. Neither: all ranks on one node.
-        local_world = _int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE", default=world)
-        num_nodes = _int(env, "GROUP_WORLD_SIZE", "CROSS_SIZE", default=max(1, -(-world // local_world)))
-        node_rank = _int(env, "GROUP_RANK", "CROSS_RANK", "NODE_RANK", default=rank // local_world)
+        # Each launcher's own names are read first: the other's may be stale in the environment
+        # (e.g. LOCAL_WORLD_SIZE left by an earlier single-process run, which the deepspeed
+        # launcher does not overwrite).
+        if launcher == "deepspeed":
+            local_names, nodes_names, node_rank_names = ("LOCAL_SIZE",), ("CROSS_SIZE",), ("CROSS_RANK",)
+        else:
+            local_names, nodes_names, node_rank_names = ("LOCAL_WORLD_SIZE",), ("GROUP_WORLD_SIZE",), ("GROUP_RANK",)
+        local_world = _int(env, *local_names, default=world)
+        num_nodes = _int(env, *nodes_names, default=max(1, -(-world // local_world)))
+        node_rank = _int(env, *node_rank_names, "NODE_RANK", default=rank // local_world)
         torchrun = launcher == "torchrun"
         return cls(
             rank=rank,
