@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .distributed import DistEnv, init_distributed
+from .distributed import DistEnv, init_distributed, shutdown_distributed
 from .model import ViLBert, ViLBertConfig
 from .tasks.base import load_tokenizer
 from .tasks.loader import EvalLoader, TaskDataConfig, evaluate_task
@@ -56,7 +56,15 @@ def load_eval_model(spec: str | Path) -> ViLBert:
 def run_eval(args: argparse.Namespace) -> dict[str, float]:
     env = DistEnv.from_env()
     if env.world_size > 1:
-        init_distributed(env)
+        init_distributed(env, init_timeout_s=getattr(args, "init_timeout", 300.0), timeout_s=getattr(args, "timeout", 600.0))
+    try:
+        return _evaluate(args, env)
+    finally:
+        if env.world_size > 1:
+            shutdown_distributed()  # all ranks leave together: barrier + destroy_process_group
+
+
+def _evaluate(args: argparse.Namespace, env: DistEnv) -> dict[str, float]:
     registry = load_registry(args.registry, data_root=args.data_root)
     cfg = registry.resolve(args.task)
     split = args.split or cfg.splits.val
@@ -98,6 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="data loader workers per rank")
     parser.add_argument("--vocab", default="", help="vocab.txt / tokenizer directory (default: the local uncased vocab)")
     parser.add_argument("--out", default="eval", help="directory for the metrics and prediction files")
+    parser.add_argument("--init-timeout", type=float, default=300.0,
+                        help="seconds for all ranks to join (a rank that never starts is named)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds any collective may take before the job fails naming the stuck rank")
     parser.add_argument("--zero-shot", action="store_true",
                         help="retrieval: rank with the pretraining alignment head (a pretraining checkpoint works)")
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointManager, capture_rng, plan_resume, restore_rng
 from .config import ConfigError, ModelSection, OptimSection, TrainSection, _build_section, apply_overrides, resolve_config_path, split_overrides
-from .distributed import DistEnv, init_distributed
+from .distributed import DistEnv, init_distributed, shutdown_distributed
 from .engine import (DeepSpeedConfigError, WarmupLinearSchedule, build_engine, enable_activation_checkpointing, engine_float_dtype,
                      load_ds_config, param_groups, validate_ds_config, warmup_steps_for)
 from .metrics import MetricsConfig, MetricsLogger
@@ -535,6 +535,8 @@ def run(cfg: MultiTaskConfig, settings, env: DistEnv, *, cli_tasks: str | None =
         stop.restore()
     if status == EXIT_PREEMPTED:
         status = finish_stop(env, stop)  # requeues the job under SLURM (rank 0); exit status 75
+    else:
+        shutdown_distributed()  # all ranks leave together: barrier + destroy_process_group
     if env.is_main:
         what = "stopped by signal" if status == EXIT_PREEMPTED else "done"
         print(f"multitask {what}: iteration {trainer.state.iteration}/{total}, updates {trainer.state.updates}, "

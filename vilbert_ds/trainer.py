@@ -29,11 +29,12 @@ import torch.distributed as dist
 from .checkpoint import CheckpointManager, ResumePlan, capture_rng, restore_rng
 from .engine import BatchSizes, WarmupLinearSchedule
 from .metrics import MetricsLogger, ThroughputMeter, peak_memory_gib
+from .preemption import EXIT_STOPPED
 
 log = logging.getLogger(__name__)
 
 EXIT_DONE = 0
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; resume with --resume auto
+EXIT_PREEMPTED = EXIT_STOPPED  # 75, EX_TEMPFAIL: stopped by a signal after a complete checkpoint; resume with --resume auto
 
 
 class Loader(Protocol):
