@@ -411,6 +411,12 @@ def build_engine(
 
     # only the op this config uses: FusedAdam, or CPUAdam when the optimizer is offloaded
     ensure_ops(("CPUAdamBuilder",) if settings.offload_optimizer != "none" else ("FusedAdamBuilder",))
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        from .hostmem import keep_freed_memory
+
+        keep_freed_memory()  # else a CPU step page-faults its large blocks in again (vilbert_ds/hostmem.py)
     config = copy.deepcopy(settings.config)
     config["optimizer"]["params"].setdefault("torch_adam", False)
     if load_universal:
