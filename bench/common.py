@@ -91,7 +91,8 @@ def machine() -> dict[str, Any]:
 
 def machine_line(info: dict[str, Any]) -> str:
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ", no GPU"
-    return (f"{info['cpu']} ({info['cores']} cores, {info.get('ram_gib', '?')} GiB, load {info.get('load_avg_1m', '?')} "
+    return (f"{info['cpu']} ({info['cores']} cores, {info.get('ram_gib', '?')} GiB, "
+            f"load {info.get('load_avg_1m', '?')} "
             f"at start){gpu}; torch {info['torch']}, deepspeed {info['deepspeed']}; {info['date']}")
 
 
@@ -405,6 +406,18 @@ def init_single_process_group(gpu: bool) -> None:
     _DIST_READY = True
 
 
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE",
+                  "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a launch from a bench process: without this process's own (world size
+    1) rank variables, which would override what the launcher gives each rank."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env.update(extra)
+    return env
+
+
 @dataclass(frozen=True)
 class StepSpec:
     """One way of running the training step."""
@@ -546,26 +559,31 @@ class Timing:
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
 
+    # Best of the rounds: other jobs on a shared machine only ever add time to a step, so the
+    # minimum over interleaved rounds is the steadiest estimate of a step's own cost.
     @property
     def wall_s(self) -> float:
-        return median(self.wall)
+        return min(self.wall) if self.wall else float("nan")
 
     @property
     def cpu_s(self) -> float:
-        return median(self.cpu)
+        return min(self.cpu) if self.cpu else float("nan")
 
 
 def time_interleaved(steps: dict[str, Step], *, warmup: int, rounds: int, gpu: bool = False,
-                     budget_s: float | None = None, before: Callable[[str], None] | None = None) -> dict[str, Timing]:
+                     budget_s: float | None = None, before: Callable[[str], None] | None = None,
+                     warm: Iterable[str] = ()) -> dict[str, Timing]:
     """Per-step times of each step, measured in interleaved rounds (A B C A B C ...), so that a
     load change on a shared machine hits every variant alike. `before(name)` runs (untimed)
     before each step of `name` (to switch a shared model's attention or checkpointing).
     Stops early (keeping at least 2 rounds) once `budget_s` of timed rounds are spent.
 
     Process CPU time is kept beside wall time: on an oversubscribed machine it counts the work
-    done rather than the wait for a core (on a quiet machine the two agree up to threading)."""
+    done rather than the wait for a core (on a quiet machine the two agree up to threading).
+    Steps named in `warm` get no warmup."""
+    warm = set(warm)
     for name, s in steps.items():
-        for _ in range(warmup):
+        for _ in range(0 if name in warm else warmup):
             if before:
                 before(name)
             s.step()
@@ -644,19 +662,23 @@ def tensor_bytes(roots: Iterable[Any], device: str | None = None) -> int:
 def step_peak_bytes(step: Step, gpu: bool = False) -> tuple[int, int]:
     """(bytes held between steps, peak bytes during one step) of a warmed-up step.
 
-    GPU: the allocator's own counters. CPU: the bytes reachable from the step's owner (weights,
-    gradients, optimizer state) plus the peak of (allocated - freed) during one step from the
-    profiler's allocation events (activations, gradients, temporaries). Memory that bypasses
+    Held: the bytes reachable from the step's owner (weights, gradients, optimizer state). Peak:
+    held plus the most allocated above the step's start during one step (activations,
+    gradients, temporaries): on GPU from the caching allocator's counters, on CPU from the
+    profiler's allocation events. Memory that bypasses
     PyTorch's allocator (oneDNN scratch, the Python heap) is not counted on either device.
     """
     gc.collect()
     if gpu:
+        # Other engines may be alive on the device: count this step's own tensors, plus the
+        # allocator's peak above what was allocated when the step began.
+        held = tensor_bytes([step.holder], device="cuda")
         torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated()
+        start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step.step()
         torch.cuda.synchronize()
-        return held, torch.cuda.max_memory_allocated()
+        return held, held + max(0, torch.cuda.max_memory_allocated() - start)
     held = tensor_bytes([step.holder], device="cpu")
     from torch.profiler import ProfilerActivity, profile
 

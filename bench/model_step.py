@@ -27,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
-ALL_VARIANTS = ("baseline", "eager", "torch_adamw", "ckpt", "bf16", "compile")
+Q1_VARIANTS = ("baseline", "eager", "torch_adamw", "ckpt", "bf16", "compile")
+ALL_VARIANTS = Q1_VARIANTS + ("plain",)  # plain: the straightforward step of question 2 (bench/vs_plain.py)
 SHARED = ("baseline", "eager", "ckpt")  # run on one engine, switched in place between steps
 
 # CPU batches keep one base-config step to a few seconds on 2 cores; GPU batches are the
@@ -36,10 +37,15 @@ CPU_BATCH = {"tiny": 16, "base_2layer_2conect": 4, "base_6layer_6conect": 4}
 GPU_BATCH = {"tiny": 128, "base_2layer_2conect": 64, "base_6layer_6conect": 64}
 
 
-def plan(quick: bool, gpu: bool, configs=None, shapes=None, variants=None) -> list[tuple[str, C.Shape, tuple[str, ...]]]:
+def plan(quick: bool, gpu: bool, configs=None, shapes=None,
+         variants=None) -> list[tuple[str, C.Shape, tuple[str, ...]]]:
     """(config, shape, variants) groups to measure."""
+    configs_default = configs is None
     if configs is None:
-        configs = ("tiny", "base_2layer_2conect") if quick and not gpu else C.MODEL_CONFIGS
+        if gpu:  # tiny says nothing about a GPU
+            configs = ("base_2layer_2conect", "base_6layer_6conect")
+        else:
+            configs = ("tiny", "base_2layer_2conect") if quick else C.MODEL_CONFIGS
     shapes = [C.SHAPES[s] for s in (shapes or ("pretrain", "vqa"))]
     out = []
     for config in configs:
@@ -47,15 +53,22 @@ def plan(quick: bool, gpu: bool, configs=None, shapes=None, variants=None) -> li
             if variants is not None:
                 chosen = tuple(v for v in ALL_VARIANTS if v in variants)
             elif gpu:
-                chosen = ALL_VARIANTS
+                # compile costs a minute or two per model on GPU: the base pretraining step only in --quick
+                chosen = Q1_VARIANTS if not quick or (config == "base_6layer_6conect" and shape.name == "pretrain") \
+                    else tuple(v for v in Q1_VARIANTS if v != "compile")
+                if quick and shape.name == "vqa":
+                    chosen = ("baseline", "eager", "bf16")
             elif quick:
                 # torch.compile on CPU spends minutes compiling (inductor C++): full run, tiny only.
-                chosen = tuple(v for v in ALL_VARIANTS if v != "compile")
+                chosen = tuple(v for v in Q1_VARIANTS if v != "compile")
                 if config != "tiny" and shape.name != "pretrain":
                     chosen = ("baseline", "eager", "bf16")
             else:
-                chosen = ALL_VARIANTS if config == "tiny" else tuple(v for v in ALL_VARIANTS if v != "compile")
+                chosen = Q1_VARIANTS if config == "tiny" else tuple(v for v in Q1_VARIANTS if v != "compile")
             out.append((config, shape, chosen))
+    if quick and not gpu and configs_default and C.PRETRAIN in shapes and (variants is None or "baseline" in variants):
+        # One base-config step (the scaling question needs a measured single-device rate).
+        out.append(("base_6layer_6conect", C.PRETRAIN, ("baseline",)))
     return out
 
 
@@ -65,6 +78,7 @@ def spec_for(variant: str, base: C.StepSpec) -> C.StepSpec:
         "torch_adamw": replace(base, optimizer="torch_adamw"),
         "bf16": replace(base, precision="bf16"),
         "compile": replace(base, compile=True),
+        "plain": replace(base, plain=True),
     }[variant]
 
 
@@ -86,19 +100,47 @@ class SharedEngine:
         self.model.bert.encoder.gradient_checkpointing = variant == "ckpt"
 
 
+def eval_loss(step: C.Step, gpu: bool) -> float:
+    """The loss of the step's batch in eval mode (no dropout), in fp32."""
+    import torch
+
+    module = step.objective
+    module.eval()
+    try:
+        with torch.no_grad():
+            loss, _ = module(step.batch.to(C.device_name(gpu), float_dtype=torch.float32))
+        return float(loss)
+    finally:
+        module.train()
+
+
 def measure_group(config: str, shape: C.Shape, batch: int, variants: tuple[str, ...], *, gpu: bool, warmup: int,
                   rounds: int, budget_s: float, max_alive_params: float) -> list[dict]:
     """Rows of one (config, shape, batch) group.
 
     Round 0 times the shared-engine variants (baseline, eager, ckpt) and the variants that need
-    their own engine, interleaved. When the model is large those own-engine variants are built
-    one per round instead (at most two engines alive, `max_alive_params`), each round timing the
-    baseline again; a variant's ratio is always taken against the baseline of its own round.
+    their own engine (torch_adamw, bf16, compile, plain), interleaved. When the model is large
+    the own-engine variants are built one per round instead (at most two engines alive,
+    `max_alive_params`), each round timing the (already warm) baseline again; a variant's ratio
+    is always taken against the baseline of its own round. Each variant's first step after its
+    build is untimed; the next one runs under the memory profiler (untimed); then `warmup - 2`
+    more untimed steps (GPU) and the timed rounds.
     """
     base_spec = C.StepSpec(config=config, shape=shape, batch=batch, gpu=gpu)
+    clock = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - clock
+        clock = now
+
     with C.quiet_output():
         base = C.build_step(base_spec)
+    base_loss = eval_loss(base, gpu) if "plain" in variants else None  # fresh weights, as the plain step's
     shared = SharedEngine(base)
+    lap("build")
     cfg = base.objective.model.config
     n_params = sum(p.numel() for p in base.objective.parameters())
     own = [v for v in variants if v not in SHARED]
@@ -107,37 +149,53 @@ def measure_group(config: str, shape: C.Shape, batch: int, variants: tuple[str, 
     timings: dict[str, C.Timing] = {}
     reference: dict[str, C.Timing] = {}
     memory: dict[str, tuple[int, int]] = {}
+    extra: dict[str, dict] = {}
+    extra_warmup = max(0, warmup - 2)
+    warmed: set[str] = set()
+    base.step()
+    lap("warmup")
+    for name in [v for v in variants if v in SHARED] or ["baseline"]:
+        shared.switch(name)
+        memory[name] = C.step_peak_bytes(base, gpu)
+    shared.switch("baseline")
+    lap("memory")
     for i, group in enumerate(plan_rounds):
-        steps: dict[str, C.Step] = {}
-        for name in ([v for v in variants if v in SHARED] if i == 0 else ["baseline"]):
-            steps[name] = base
-        if "baseline" not in steps:
-            steps["baseline"] = base
+        steps: dict[str, C.Step] = {name: base for name in ([v for v in variants if v in SHARED] if i == 0 else [])}
+        steps.setdefault("baseline", base)
         for v in group:
             with C.quiet_output():
                 steps[v] = C.build_step(spec_for(v, base_spec))
-        t = C.time_interleaved(steps, warmup=warmup, rounds=rounds, gpu=gpu, budget_s=budget_s,
+            if v == "plain":  # same initial weights and batch: the two losses must agree
+                diff = abs(eval_loss(steps[v], gpu) - base_loss) / max(abs(base_loss), 1e-12)
+                extra[v] = {"loss rel diff": diff}
+            lap("build")
+            steps[v].step()
+            lap("warmup")
+            memory[v] = C.step_peak_bytes(steps[v], gpu)
+            lap("memory")
+        t = C.time_interleaved(steps, warmup=extra_warmup, rounds=rounds, gpu=gpu, budget_s=budget_s,
+                               warm=warmed & set(steps),
                                before=lambda name: shared.switch(name) if name in SHARED else None)
+        lap("timed rounds")
+        warmed |= set(steps)
         for name, timing in t.items():
             if name == "baseline" and i > 0:
                 continue
             timings[name] = timing
             reference[name] = t["baseline"]
-        if i == 0:
-            for name in (v for v in variants if v in SHARED):
-                shared.switch(name)
-                memory[name] = C.step_peak_bytes(base, gpu)
-            shared.switch("baseline")
         for v in group:
-            memory[v] = C.step_peak_bytes(steps[v], gpu)
             C.free(steps[v])
     C.free(base)
+    lap("free")
+    print(f"[model_step]   {C.SHORT_NAMES[config]} {shape.name}: "
+          + ", ".join(f"{k} {v:.0f}s" for k, v in phases.items()), file=sys.stderr, flush=True)
     flops = C.flops_per_sample(cfg, shape)
+    flops_plain = C.flops_per_sample(cfg, shape, plain=True)
     peaks = {}
     if gpu:
         from vilbert_ds.metrics import peak_tflops
 
-        peaks = {"fp32": peak_tflops("fp32"), "bf16": peak_tflops("bf16")}
+        peaks = {"bf16": peak_tflops("bf16")}
     base_peak = memory.get("baseline", (0, 0))[1]
     rows = []
     for v in variants:
@@ -145,40 +203,53 @@ def measure_group(config: str, shape: C.Shape, batch: int, variants: tuple[str, 
             continue
         timing, ref = timings[v], reference[v]
         sps = batch / timing.wall_s
+        f = flops_plain if v == "plain" else flops
         row = {
             "config": C.SHORT_NAMES[config], "shape": str(shape), "batch": batch, "variant": v,
             "samples/s": sps, "x base": ref.wall_s / timing.wall_s, "x base (cpu)": ref.cpu_s / timing.cpu_s,
             "step ms": timing.wall_s * 1e3, "peak MiB": memory[v][1] / C.MiB,
-            "mem x base": memory[v][1] / base_peak if base_peak else None,
+            "mem x base": memory[v][1] / base_peak if base_peak else None, "GFLOP/sample": f / 1e9,
+            **extra.get(v, {}),
         }
         if gpu:
-            row["TFLOP/s"] = sps * flops / 1e12
-            peak = peaks.get("bf16" if v == "bf16" else "fp32")
+            row["TFLOP/s"] = sps * f / 1e12
+            # MFU against the dense bf16 peak, for the bf16 step only (fp32 steps run without TF32).
+            peak = peaks.get("bf16") if v == "bf16" else None
             row["MFU"] = row["TFLOP/s"] / peak if peak else None
         else:
-            row["GFLOP/s"] = sps * flops / 1e9
+            row["GFLOP/s"] = sps * f / 1e9
         rows.append(row)
     return rows
 
 
 def run(quick: bool = True, gpu: bool = False, *, configs=None, shapes=None, variants=None, batch: int | None = None,
-        budget_s: float | None = None) -> list[C.Table]:
-    """The question-1 table. `budget_s` bounds the timed rounds of each group."""
+        budget_s: float | None = None, with_plain: bool = False) -> list[C.Table]:
+    """The question-1 table; with `with_plain` every group also times the plain step and the
+    question-2 table (bench/vs_plain.py) is returned after it, from the same rounds."""
     columns = ["config", "shape", "batch", "variant", "samples/s", "x base", "x base (cpu)", "step ms", "peak MiB",
                "mem x base"] + (["TFLOP/s", "MFU"] if gpu else ["GFLOP/s"])
     table = C.Table("Q1 model step: samples/s and peak memory of a full training step", columns)
-    warmup, rounds = (1, 3) if quick and not gpu else (2, 10) if not gpu else (3, 20)
-    per_group = budget_s if budget_s is not None else (12.0 if quick and not gpu else 60.0)
-    max_alive = 5e7 if not gpu else 2e9  # CPU: only tiny keeps every variant's engine at once
+    per_group = budget_s if budget_s is not None else (20.0 if quick and not gpu else 120.0)
+    # Engines alive at once: CPU keeps every variant of tiny only; GPU those of 2layer_2conect.
+    max_alive = 5e7 if not gpu else 1.2e9
+    rows = []
     for config, shape, chosen in plan(quick, gpu, configs, shapes, variants):
+        scaling_only = quick and not gpu and config == "base_6layer_6conect"  # one baseline step for Q6
+        if with_plain and "plain" not in chosen and not scaling_only:
+            chosen = tuple(chosen) + ("plain",)
         b = batch or (GPU_BATCH if gpu else CPU_BATCH)[config]
         if quick and not gpu and config != "tiny":
             b = 2
+        if gpu:
+            warmup, rounds = 5, 20
+        else:
+            warmup, rounds = 2, (6 if config == "tiny" else 2) if quick else (10 if config == "tiny" else 5)
         start = time.perf_counter()
-        table.rows.extend(measure_group(config, shape, b, chosen, gpu=gpu, warmup=warmup, rounds=rounds,
-                                        budget_s=per_group, max_alive_params=max_alive))
+        rows += measure_group(config, shape, b, chosen, gpu=gpu, warmup=warmup, rounds=rounds, budget_s=per_group,
+                              max_alive_params=max_alive)
         print(f"[model_step] {C.SHORT_NAMES[config]} {shape} batch {b}: {time.perf_counter() - start:.0f}s",
               file=sys.stderr, flush=True)
+    table.rows = [r for r in rows if r["variant"] != "plain"]
     flops_note = ", ".join(
         f"{C.SHORT_NAMES[c]} {C.flops_per_sample(C.model_config(c, C.PRETRAIN), C.PRETRAIN) / 1e9:.2f}"
         for c in C.MODEL_CONFIGS)
@@ -192,7 +263,12 @@ def run(quick: bool = True, gpu: bool = False, *, configs=None, shapes=None, var
     if not gpu:
         table.notes.append("torch.compile is measured in the full run on tiny only: on CPU its first step "
                            "compiles C++ for minutes")
-    return [table]
+    tables = [table]
+    if with_plain:
+        import vs_plain
+
+        tables.append(vs_plain.table_from_rows(rows, gpu))
+    return tables
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     C.setup_env(gpu=args.gpu)
     info = C.machine()
     tables = run(args.quick, args.gpu, configs=args.configs, shapes=args.shapes, variants=args.variants,
-                 batch=args.batch, budget_s=args.budget)
+                 batch=args.batch, budget_s=args.budget,
+                 with_plain=bool(args.variants and "plain" in args.variants))
     C.print_tables(tables, markdown=args.markdown, info=info)
     if args.json:
         C.save_json(args.json, tables, info, C.command_line())

@@ -47,7 +47,8 @@ NDR = Link("IB NDR 400G", 50.0 * 0.8, "InfiniBand NDR 400 Gb/s = 50 GB/s per por
 HDR = Link("IB HDR 200G", 25.0 * 0.8, "InfiniBand HDR 200 Gb/s = 25 GB/s per port, one port per GPU (DGX A100)")
 
 
-def bytes_per_step(stage: int, n: int, params: int, *, grad_bytes: float, param_bytes: float, accumulation: int) -> float:
+def bytes_per_step(stage: int, n: int, params: int, *, grad_bytes: float, param_bytes: float,
+                   accumulation: int) -> float:
     """Bytes each GPU sends (= receives) per optimizer step for ZeRO `stage` over `n` GPUs."""
     if n <= 1:
         return 0.0
@@ -168,7 +169,8 @@ def measure_cpu_rate(batch: int = 2) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu-samples-per-s", type=float, help="measured base-config samples/s of one GPU")
-    parser.add_argument("--cpu-samples-per-s", type=float, help="measured base-config samples/s on CPU (skips measuring)")
+    parser.add_argument("--cpu-samples-per-s", type=float,
+                        help="measured base-config samples/s on CPU (skips measuring)")
     parser.add_argument("--no-measure", action="store_true", help="do not measure the CPU step here")
     parser.add_argument("--samples-per-gpu", type=int, default=64, help="samples per GPU per optimizer step (512/8)")
     parser.add_argument("--micro-batch", type=int, default=64)

@@ -28,79 +28,75 @@ import common as C  # noqa: E402
 
 CPU_BATCH = {"tiny": 16, "base_2layer_2conect": 4, "base_6layer_6conect": 4}
 GPU_BATCH = {"tiny": 128, "base_2layer_2conect": 64, "base_6layer_6conect": 64}
+COLUMNS = ["config", "shape", "batch", "step", "samples/s", "speedup", "speedup (cpu)", "peak MiB", "mem x plain",
+           "GFLOP/sample", "loss rel diff"]
 
 
 def eval_loss(step: C.Step, gpu: bool) -> float:
-    import torch
+    import model_step
 
-    module = step.objective
-    module.eval()
-    try:
-        with torch.no_grad():
-            batch = step.batch.to(C.device_name(gpu), float_dtype=torch.float32)
-            loss, _ = module(batch)
-        return float(loss)
-    finally:
-        module.train()
+    return model_step.eval_loss(step, gpu)
 
 
-def measure(config: str, shape: C.Shape, batch: int, *, gpu: bool, precisions: tuple[str, ...], warmup: int,
-            rounds: int, budget_s: float) -> list[dict]:
-    with C.quiet_output():
-        plain = C.build_step(C.StepSpec(config=config, shape=shape, batch=batch, gpu=gpu, plain=True))
-        ours = {p: C.build_step(C.StepSpec(config=config, shape=shape, batch=batch, gpu=gpu, precision=p))
-                for p in precisions}
-    plain_loss = eval_loss(plain, gpu)
-    diffs = {p: abs(eval_loss(s, gpu) - plain_loss) if p == "fp32" else None for p, s in ours.items()}
-    steps = {"plain": plain, **{f"vilbert-ds {p}": s for p, s in ours.items()}}
-    t = C.time_interleaved(steps, warmup=warmup, rounds=rounds, gpu=gpu, budget_s=budget_s)
-    mem = {name: C.step_peak_bytes(s, gpu)[1] for name, s in steps.items()}
-    cfg = plain.objective.model.config
-    flops_plain = C.flops_per_sample(cfg, shape, plain=True)
-    flops_ours = C.flops_per_sample(cfg, shape)
-    C.free(plain, *ours.values())
-    rows = []
-    for name, timing in t.items():
-        is_plain = name == "plain"
-        rows.append({
-            "config": C.SHORT_NAMES[config], "shape": str(shape), "batch": batch, "step": name,
-            "samples/s": batch / timing.wall_s, "speedup": t["plain"].wall_s / timing.wall_s,
-            "speedup (cpu)": t["plain"].cpu_s / timing.cpu_s, "peak MiB": mem[name] / C.MiB,
-            "mem x plain": mem[name] / mem["plain"],
-            "GFLOP/sample": (flops_plain if is_plain else flops_ours) / 1e9,
-            "loss |diff|": None if is_plain else diffs[name.split()[-1]],
-        })
-    return rows
+def table_from_rows(rows: list[dict], gpu: bool) -> C.Table:
+    """The question-2 table from `model_step.measure_group` rows that include the plain step.
+    Ratios go through each variant's own-round baseline: speedup = x_base(variant) / x_base(plain)."""
+    table = C.Table("Q2 vilbert-ds vs a straightforward implementation (same process, same batch, same weights)",
+                    COLUMNS)
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["shape"], r["batch"]), {})[r["variant"]] = r
+    names = {"plain": "plain", "baseline": "vilbert-ds fp32", "bf16": "vilbert-ds bf16"}
+    for (config, shape, batch), by_variant in groups.items():
+        plain = by_variant.get("plain")
+        if plain is None:
+            continue
+        for v in ("plain", "baseline", "bf16"):
+            r = by_variant.get(v)
+            if r is None or (v == "bf16" and not gpu):
+                continue
+            table.add(**{"config": config, "shape": shape, "batch": batch, "step": names[v],
+                         "samples/s": r["samples/s"],
+                         "speedup": r["x base"] / plain["x base"],
+                         "speedup (cpu)": r["x base (cpu)"] / plain["x base (cpu)"],
+                         "peak MiB": r["peak MiB"], "mem x plain": r["peak MiB"] / plain["peak MiB"],
+                         "GFLOP/sample": r["GFLOP/sample"],
+                         "loss rel diff": plain.get("loss rel diff") if v == "baseline" else None})
+    table.notes += [
+        "speedup = plain step time / step time, interleaved in the same rounds (>1: vilbert-ds is faster); "
+        "(cpu) from process CPU time",
+        "GFLOP/sample: analytic training FLOPs; the plain step's extra ones are the heads over unmasked positions",
+        "loss rel diff: eval-mode loss of the same batch and weights, plain vs vilbert-ds fp32 (same model, same "
+        "losses: it must be ~1e-7)",
+    ]
+    return table
 
 
 def run(quick: bool = True, gpu: bool = False, *, configs=None, shapes=None, batch: int | None = None,
         budget_s: float | None = None) -> list[C.Table]:
-    columns = ["config", "shape", "batch", "step", "samples/s", "speedup", "speedup (cpu)", "peak MiB",
-               "mem x plain", "GFLOP/sample", "loss |diff|"]
-    table = C.Table("Q2 vilbert-ds vs a straightforward implementation (same process, same batch, same weights)",
-                    columns)
+    import model_step
+
     if configs is None:
-        configs = ("tiny", "base_2layer_2conect") if quick and not gpu else C.MODEL_CONFIGS
-    precisions = ("fp32", "bf16") if gpu else ("fp32",)
-    per_group = budget_s if budget_s is not None else (15.0 if quick and not gpu else 90.0)
+        if gpu:
+            configs = ("base_2layer_2conect", "base_6layer_6conect")
+        else:
+            configs = ("tiny", "base_2layer_2conect") if quick else C.MODEL_CONFIGS
+    variants = ("baseline", "bf16", "plain") if gpu else ("baseline", "plain")
+    per_group = budget_s if budget_s is not None else (20.0 if quick and not gpu else 120.0)
+    rows = []
     for config in configs:
         for shape in [C.SHAPES[s] for s in (shapes or ("pretrain", "vqa"))]:
             b = batch or (GPU_BATCH if gpu else CPU_BATCH)[config]
             if quick and not gpu and config != "tiny":
                 b = 2
-            rounds = 10 if config == "tiny" or gpu else (3 if quick else 6)
+            rounds = 20 if gpu else (6 if config == "tiny" else 2) if quick else (10 if config == "tiny" else 5)
             start = time.perf_counter()
-            table.rows.extend(measure(config, shape, b, gpu=gpu, precisions=precisions, warmup=1 if not gpu else 3,
-                                      rounds=rounds, budget_s=per_group))
+            rows += model_step.measure_group(config, C.SHAPES[shape.name], b, variants, gpu=gpu,
+                                             warmup=5 if gpu else 2, rounds=rounds, budget_s=per_group,
+                                             max_alive_params=1.2e9 if gpu else 4e8)
             print(f"[vs_plain] {C.SHORT_NAMES[config]} {shape} batch {b}: {time.perf_counter() - start:.0f}s",
                   file=sys.stderr, flush=True)
-    table.notes += [
-        "speedup = plain step time / step time in the same interleaved rounds (>1: vilbert-ds is faster); "
-        "(cpu) from process CPU time",
-        "GFLOP/sample: analytic training FLOPs; the plain step's extra ones are the heads over unmasked positions",
-        "loss |diff|: eval-mode loss of the same batch and weights, vilbert-ds fp32 vs plain (same model, same losses)",
-    ]
-    return [table]
+    return [table_from_rows(rows, gpu)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,8 +140,8 @@ def launch(config: str, ranks: int, batch: int, steps: int, timeout_s: float) ->
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
                str(port), str(Path(__file__).resolve()), "--worker", "--out", str(out), "--config", config,
                "--batch", str(batch), "--steps", str(steps)]
-        env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
-                   PYTHONUNBUFFERED="1")
+        env = C.child_env(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
+                          PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(cmd, cwd=C.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         try:
