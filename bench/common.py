@@ -385,25 +385,22 @@ def set_attention_impl(module, impl: str) -> None:
 
 
 # ================================================================================ steps
-_DIST_READY = False
-
-
 def init_single_process_group(gpu: bool) -> None:
-    """DeepSpeed engines need a process group; the in-process benches run world size 1."""
-    global _DIST_READY
+    """DeepSpeed engines need a process group; the in-process benches run world size 1. The
+    rank variables DeepSpeed reads are (re)set each time: a caller may have restored its env."""
     import torch.distributed as dist
 
-    if _DIST_READY or dist.is_initialized():
-        _DIST_READY = True
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
-        os.environ.setdefault(key, value)
-    dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    _DIST_READY = True
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                world_size=1)
+    if dist.get_world_size() == 1:
+        for key in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(key, "0")
+        for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            os.environ.setdefault(key, "1")
 
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE",

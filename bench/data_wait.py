@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -92,11 +93,17 @@ def run(quick: bool = True, *, s3: bool = True, root: Path | None = None, manife
     print(f"[data] data_bench: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     results = dict(results or {})
     if not any(k.startswith("warm") for k in results):
+        own_root = root is None
         root = root or runs.scratch_dir()
-        manifest = manifest or runs.prepare_shards(root)
-        start = time.perf_counter()
-        results["warm_1"] = runs.launch_pretrain(root, manifest, ranks=1, steps=6 if quick else 20, name="data_wait")
-        print(f"[data] training run: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+        try:
+            manifest = manifest or runs.prepare_shards(root)
+            start = time.perf_counter()
+            results["warm_1"] = runs.launch_pretrain(root, manifest, ranks=1, steps=6 if quick else 20,
+                                                     name="data_wait")
+            print(f"[data] training run: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+        finally:
+            if own_root:
+                shutil.rmtree(root, ignore_errors=True)
     if gpu_samples_per_s is None:
         import scaling
 

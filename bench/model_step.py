@@ -226,8 +226,9 @@ def run(quick: bool = True, gpu: bool = False, *, configs=None, shapes=None, var
         budget_s: float | None = None, with_plain: bool = False) -> list[C.Table]:
     """The question-1 table; with `with_plain` every group also times the plain step and the
     question-2 table (bench/vs_plain.py) is returned after it, from the same rounds."""
-    columns = ["config", "shape", "batch", "variant", "samples/s", "x base", "x base (cpu)", "step ms", "peak MiB",
-               "mem x base"] + (["TFLOP/s", "MFU"] if gpu else ["GFLOP/s"])
+    # Process CPU time says nothing about a GPU step: its ratio column is CPU-only.
+    columns = (["config", "shape", "batch", "variant", "samples/s", "x base"] + ([] if gpu else ["x base (cpu)"])
+               + ["step ms", "peak MiB", "mem x base"] + (["TFLOP/s", "MFU"] if gpu else ["GFLOP/s"]))
     table = C.Table("Q1 model step: samples/s and peak memory of a full training step", columns)
     per_group = budget_s if budget_s is not None else (20.0 if quick and not gpu else 120.0)
     # Engines alive at once: CPU keeps every variant of tiny only; GPU those of 2layer_2conect.

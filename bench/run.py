@@ -19,6 +19,7 @@ import argparse
 import io
 import re
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -77,23 +78,25 @@ def run_suite(quick: bool, gpu: bool, only: tuple[str, ...] = QUESTIONS,
 
         tables += timed("Q3 zero", lambda: zero.run(quick))
     runs_done: dict = {}
-    root = manifest = None
+    q5: list[C.Table] = []
     if "startup" in only or "data" in only:
         import runs
 
-        root = runs.scratch_dir()
-        manifest = runs.prepare_shards(root)
-    if "startup" in only:
-        q5, runs_done = timed("Q5 startup", lambda: startup.run(quick, root=root, manifest=manifest))
-    if "data" in only:
-        import data_wait
+        root = runs.scratch_dir()  # shards and run directories shared by Q5 and Q4, removed after
+        try:
+            manifest = runs.prepare_shards(root)
+            if "startup" in only:
+                q5, runs_done = timed("Q5 startup", lambda: startup.run(quick, root=root, manifest=manifest))
+            if "data" in only:
+                import data_wait
 
-        label = "GPU measured, base model bf16 (Q1)" if gpu_rate else None
-        tables += timed("Q4 data", lambda: data_wait.run(quick, s3=s3, root=root, manifest=manifest,
-                                                          results=runs_done, gpu_samples_per_s=gpu_rate,
-                                                          gpu_label=label))
-    if "startup" in only:
-        tables += q5
+                label = "GPU measured, base model bf16 (Q1)" if gpu_rate else None
+                tables += timed("Q4 data", lambda: data_wait.run(quick, s3=s3, root=root, manifest=manifest,
+                                                                  results=runs_done, gpu_samples_per_s=gpu_rate,
+                                                                  gpu_label=label))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    tables += q5
     if "scaling" in only:
         tables += timed("Q6 scaling", lambda: scaling.run(samples_per_s=rates))
     return tables, spent

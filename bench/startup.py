@@ -54,9 +54,17 @@ def run(quick: bool = True, *, root: Path | None = None, manifest: Path | None =
         results: dict[str, runs.RunResult] | None = None,
         steps: int = 4) -> tuple[list[C.Table], dict[str, runs.RunResult]]:
     """The question-5 table; returns the runs too (their data-wait figures serve question 4)."""
+    own_root = root is None
     root = root or runs.scratch_dir()
-    manifest = manifest or runs.prepare_shards(root)
-    results = dict(results or {})
+    try:
+        return _run(quick, root, manifest or runs.prepare_shards(root), dict(results or {}), steps)
+    finally:
+        if own_root:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(quick: bool, root: Path, manifest: Path, results: dict[str, runs.RunResult],
+         steps: int) -> tuple[list[C.Table], dict[str, runs.RunResult]]:
     cases = [("warm", 1), ("warm", 2)] + ([] if quick else [("cold", 1), ("cold", 2)])
     table = C.Table("Q5 start-up: launch to the end of the first optimizer step (real pretraining launch)",
                     ["start", "ranks", "launch to step 1 s", "imports+rendezvous s", "model+engine+loader s",

@@ -42,7 +42,7 @@ def table_from_rows(rows: list[dict], gpu: bool) -> C.Table:
     """The question-2 table from `model_step.measure_group` rows that include the plain step.
     Ratios go through each variant's own-round baseline: speedup = x_base(variant) / x_base(plain)."""
     table = C.Table("Q2 vilbert-ds vs a straightforward implementation (same process, same batch, same weights)",
-                    COLUMNS)
+                    [c for c in COLUMNS if not (gpu and c == "speedup (cpu)")])
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["config"], r["shape"], r["batch"]), {})[r["variant"]] = r
