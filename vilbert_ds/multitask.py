@@ -356,13 +356,18 @@ class MultiTaskTrainer:
             self.state.examples[task] += self.micro[task] * self.env.world_size
         self.state.iteration += 1
 
-    def evaluate(self, task: str, max_batches: int | None = None) -> tuple[dict[str, float], Any]:
-        """Collective: every rank scores its slice; the records are merged without duplicates."""
+    def evaluate(self, task: str, max_batches: int | None = None, *,
+                 standard: bool = False) -> tuple[dict[str, float], Any]:
+        """Collective: every rank scores its slice; the records are merged without duplicates.
+
+        During training (`standard=False`) every family is scored per batch, as the original's
+        validation did (retrieval: the 4-option accuracy), capped at `max_batches`. The final
+        evaluation (`standard=True`) uses the task's standard metric: families whose metric is not
+        per example (retrieval ranks every caption against every image, ~5M pairs on COCO)
+        evaluate the whole split themselves."""
         self.engine.eval()
         family, model, loader = self.families[task], self.engine.module.model, self.eval_loaders[task]
-        # families whose metric is not per example (retrieval ranks everything against everything)
-        # evaluate a whole split themselves and return the merged metric
-        evaluate_split = getattr(family, "evaluate_split", None)
+        evaluate_split = getattr(family, "evaluate_split", None) if standard else None
         try:
             if evaluate_split is not None:
                 metric = evaluate_split(model, loader, self.engine.device, float_dtype=self.float_dtype)
@@ -419,7 +424,7 @@ class MultiTaskTrainer:
         for task in self.tasks:
             if task not in self.eval_loaders:
                 continue
-            result, metric = self.evaluate(task)
+            result, metric = self.evaluate(task, standard=True)
             results[task] = result
             if self.env.is_main:
                 split = self.eval_loaders[task].split
