@@ -481,6 +481,9 @@ class Step:
         return self._run()
 
     def close(self) -> None:
+        destroy = getattr(self.holder, "destroy", None)  # a DeepSpeed engine: release its buffers and hooks
+        if callable(destroy):
+            destroy()
         self._run = self.holder = self.batch = self.objective = None
         gc.collect()
 

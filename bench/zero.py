@@ -2,13 +2,14 @@
 with 2 ranks (deepspeed launcher, gloo on CPU), against the theoretical partitioning; step time
 per stage.
 
-    python bench/zero.py --quick            # a 19M-parameter ViLBERT (full vocab), fp32
-    python bench/zero.py                    # 2layer_2conect (161M parameters)
+    python bench/zero.py --quick            # a 15.8M-parameter ViLBERT (full vocab), fp32, one launch
+    python bench/zero.py                    # 2layer_2conect (161M parameters), one launch per stage
     python bench/zero.py --config base_6layer_6conect --ranks 2
 
-One launch of 2 ranks builds one engine per stage from the shipped `ds_configs/zero{0,1,2,3}.json`
-`zero_optimization` sections (batch sizes replaced), runs a step, and classifies every tensor
-storage reachable from the engine right after the next backward (when gradients peak):
+Launches of 2 ranks (one for the small model, one per stage for larger ones) build one engine
+per stage from the shipped `ds_configs/zero{0,1,2,3}.json` `zero_optimization` sections (batch
+sizes replaced), run a step, and classify every tensor storage reachable from the engine right
+after the next backward (when gradients peak):
   params     module parameters (ZeRO-3: each rank's partition), DeepSpeed's flat parameter groups
   optimizer  the optimizer's state (Adam moments) and fp32 master partitions
   grads+buf  everything else: gradients, reduction buckets, gradient partitions
@@ -107,8 +108,12 @@ def worker(args: argparse.Namespace) -> int:
         n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in step.objective.parameters()
                       if p.requires_grad)
         results[stage] = {**mem, "step_s": C.median(times), "params_all": n_all, "params_trainable": n_train}
+        del engine, batch, fwd_bwd
         C.free(step)
-        del engine, batch
+        del step
+        if args.verbose:
+            print(f"[zero] rank {rank} after ZeRO-{stage}: max RSS {_rss_gib():.2f} GiB, now {_now_rss_gib():.2f} GiB",
+                  file=sys.stderr, flush=True)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
@@ -116,6 +121,17 @@ def worker(args: argparse.Namespace) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _now_rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def _build(spec: C.StepSpec, overrides: dict, stage: int) -> C.Step:
@@ -131,7 +147,8 @@ def _build(spec: C.StepSpec, overrides: dict, stage: int) -> C.Step:
 
 
 # ============================================================================ the launch
-def launch(config: str, ranks: int, batch: int, steps: int, timeout_s: float) -> dict:
+def launch(config: str, ranks: int, batch: int, steps: int, timeout_s: float, stages=STAGES,
+           verbose: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="vilbert-ds-zero-") as tmp:
         out = Path(tmp) / "zero.json"
         with C.socket.socket() as s:
@@ -139,7 +156,9 @@ def launch(config: str, ranks: int, batch: int, steps: int, timeout_s: float) ->
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
                str(port), str(Path(__file__).resolve()), "--worker", "--out", str(out), "--config", config,
-               "--batch", str(batch), "--steps", str(steps)]
+               "--batch", str(batch), "--steps", str(steps), "--stages", *map(str, stages)]
+        if verbose:
+            cmd.append("--verbose")
         env = C.child_env(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
                           PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(cmd, cwd=C.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -150,6 +169,10 @@ def launch(config: str, ranks: int, batch: int, steps: int, timeout_s: float) ->
             os.killpg(proc.pid, 9)
             log, _ = proc.communicate()
             raise RuntimeError(f"ZeRO bench launch timed out after {timeout_s:.0f}s:\n{log[-3000:]}") from None
+        if verbose:
+            for line in log.splitlines():
+                if "[zero] rank" in line:
+                    print(line, file=sys.stderr)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"ZeRO bench launch failed ({proc.returncode}):\n{log[-4000:]}")
         return json.loads(out.read_text(encoding="utf-8"))
@@ -165,11 +188,20 @@ def theory(stage: int, n_all: int, n_train: int, world: int) -> dict[str, float]
 
 
 def run(quick: bool = True, *, config: str | None = None, ranks: int = 2, batch: int = 2, steps: int | None = None,
-        timeout_s: float = 900.0) -> list[C.Table]:
+        timeout_s: float = 900.0, stages=STAGES, verbose: bool = False) -> list[C.Table]:
     config = config or ("small" if quick else "base_2layer_2conect")
     steps = steps or (3 if quick else 5)
     start = time.perf_counter()
-    data = launch(config, ranks, batch, steps, timeout_s)
+    if config == "small":
+        data = launch(config, ranks, batch, steps, timeout_s, stages, verbose)
+    else:
+        # One launch per stage: engines of a large model built one after another in the same
+        # processes keep too much host memory alive (DeepSpeed state and a fragmented heap).
+        data = {"world": ranks, "ranks": [{} for _ in range(ranks)]}
+        for stage in stages:
+            part = launch(config, ranks, batch, steps, timeout_s, [stage], verbose)
+            for mine, theirs in zip(data["ranks"], part["ranks"]):
+                mine.update(theirs)
     print(f"[zero] {config} x {ranks} ranks: {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     world = data["world"]
     columns = ["ZeRO", "rank", "params MiB", "params theory", "grads+buf MiB", "grads theory", "optim MiB",
@@ -178,10 +210,10 @@ def run(quick: bool = True, *, config: str | None = None, ranks: int = 2, batch:
     n_all, n_train = any_stage["params_all"], any_stage["params_trainable"]
     table = C.Table(f"Q3 ZeRO per-rank memory and step time, {ranks} CPU ranks (gloo), {config} "
                     f"({n_all / 1e6:.1f}M params, {n_train / 1e6:.1f}M trainable), fp32, micro-batch {batch}", columns)
-    for rank, stages in enumerate(data["ranks"]):
-        z0 = stages.get("0")
-        for key in sorted(stages, key=int):
-            r = stages[key]
+    for rank, by_stage in enumerate(data["ranks"]):
+        z0 = by_stage.get("0")
+        for key in sorted(by_stage, key=int):
+            r = by_stage[key]
             th = theory(int(key), n_all, n_train, world)
             table.add(**{"ZeRO": f"ZeRO-{key}", "rank": rank, "params MiB": r["params"] / C.MiB,
                          "params theory": th["params"] / C.MiB, "grads+buf MiB": r["grads"] / C.MiB,
@@ -192,8 +224,9 @@ def run(quick: bool = True, *, config: str | None = None, ranks: int = 2, batch:
     table.notes += [
         "measured right after a backward (gradients alive), from the tensor storages each rank's engine holds; "
         "ZeRO-3 keeps parameters under stage3_param_persistence_threshold (1e5 elements) whole on every rank",
-        "theory: fp32 Adam as DeepSpeed runs it (module docstring); grads+buf also holds DeepSpeed's reduction "
-        "buckets (reduce_bucket_size of the shipped configs), which is why it exceeds the gradient partition",
+        "theory: fp32 Adam as DeepSpeed runs it (module docstring); grads+buf = gradients as DeepSpeed holds them "
+        "after the backward (ZeRO-1 at an accumulation boundary already keeps little beyond its partition) plus "
+        "its reduction buckets (reduce_bucket_size of the shipped configs)",
         "step s: median over timed steps, both ranks stepping together; 2 ranks share 2 cores here",
     ]
     return [table]
@@ -210,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json")
+    parser.add_argument("--verbose", action="store_true", help="ranks print their memory after each stage")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -220,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     C.setup_env()
     info = C.machine()
     tables = run(args.quick, config=args.config, ranks=args.ranks, batch=args.batch, steps=args.steps,
-                 timeout_s=args.timeout)
+                 timeout_s=args.timeout, stages=args.stages, verbose=args.verbose)
     C.print_tables(tables, markdown=args.markdown, info=info)
     if args.json:
         C.save_json(args.json, tables, info, C.command_line())
