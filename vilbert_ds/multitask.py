@@ -351,7 +351,10 @@ class MultiTaskTrainer:
             loss, metrics = engine(batch)
             engine.backward(loss * self.scales[task])
             engine.step()
-            self._sums[task] += torch.tensor([float(loss.detach()), float(metrics["score"]), 1.0], dtype=torch.float64)
+            # summed on the device: reading the values here would make every update wait for it
+            score = torch.as_tensor(metrics["score"], dtype=torch.float64, device=engine.device)
+            one = torch.ones((), dtype=torch.float64, device=engine.device)
+            self._sums[task] = self._sums[task].to(engine.device) + torch.stack([loss.detach().double(), score, one])
             self.state.updates[task] += 1
             self.state.examples[task] += self.micro[task] * self.env.world_size
         self.state.iteration += 1
@@ -392,9 +395,8 @@ class MultiTaskTrainer:
 
     def _log(self, extra: dict[str, float]) -> None:
         """Collective: one all-reduce of the per-task sums since the last row."""
-        local = torch.stack([self._sums[t] for t in self.tasks])
+        local = torch.stack([self._sums[t].to(self.engine.device) for t in self.tasks])
         if dist.is_available() and dist.is_initialized() and self.env.world_size > 1:
-            local = local.to(self.engine.device)
             dist.all_reduce(local, op=dist.ReduceOp.SUM)
             local = local.cpu()
         seconds = time.perf_counter() - self._window_start

@@ -248,6 +248,7 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):
                 batch = next(batches)
             self.meter.wait(time.perf_counter() - t0)
+            tokens += _token_count(batch)  # on the host copy: counting on the device would sync
             batch = batch.to(engine.device, float_dtype=self.float_dtype)
             loss, metrics = engine(batch)
             engine.backward(loss)
@@ -256,11 +257,10 @@ class Trainer:
             engine.step()
             self._accumulate(loss, metrics)
             samples += batch.size
-            tokens += _token_count(batch)
             keys.extend(getattr(batch, "keys", []) or [])
         norm = engine.get_global_grad_norm() if self.zero_stage > 0 else self._grad_norm
         if norm is not None:
-            self._add("grad_norm", torch.as_tensor(float(norm)))
+            self._add("grad_norm", torch.as_tensor(norm, dtype=torch.float32, device=engine.device))
         self._updates += 1
         self.state.step += 1
         self.state.samples_seen += self.batch.global_
@@ -279,18 +279,20 @@ class Trainer:
                 self._add(key, value.detach().float())
 
     def _add(self, key: str, value: torch.Tensor) -> None:
-        value = value.to("cpu")
-        self._sums[key] = self._sums.get(key, torch.zeros(())) + value
+        # Sums stay on the device until the next log row: moving each value to the host here
+        # would make every micro-step wait for the accelerator.
+        value = value.to(self.engine.device)
+        self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
 
     def _log(self, extra: dict[str, float]) -> None:
         """Collective: one all-reduce of every accumulated value and the throughput counters."""
         rates = self.meter.report()
         keys = sorted(self._sums)
         n_updates = max(1, self._updates)
-        local = torch.stack([self._sums[k] for k in keys] + [
-            torch.tensor(float(self._micro)), torch.tensor(rates["samples_per_s"]), torch.tensor(rates["tokens_per_s"]),
-            torch.tensor(rates["data_wait_frac"]), torch.tensor(peak_memory_gib()),
-        ]).double()
+        accumulated = torch.stack([self._sums[k].double() for k in keys]).cpu() if keys else torch.zeros(0, dtype=torch.float64)
+        local = torch.cat([accumulated, torch.tensor([
+            float(self._micro), rates["samples_per_s"], rates["tokens_per_s"], rates["data_wait_frac"], peak_memory_gib(),
+        ], dtype=torch.float64)])
         if dist.is_available() and dist.is_initialized() and self.world_size > 1:
             local = local.to(self.engine.device)
             dist.all_reduce(local, op=dist.ReduceOp.SUM)
