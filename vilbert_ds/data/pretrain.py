@@ -28,6 +28,7 @@ import inspect
 import json
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -74,6 +75,28 @@ def iou_matrix(boxes: np.ndarray, others: np.ndarray | None = None) -> np.ndarra
     return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
+@dataclass
+class TextPart:
+    """The text half of a pretraining batch (B examples, L = max_seq_length, R = max_regions)."""
+
+    input_ids: np.ndarray  # [B, L] int64: [CLS] masked tokens [SEP] padding
+    attention_mask: np.ndarray  # [B, L] int64
+    masked_lm_labels: np.ndarray  # [B, L] int64, -1 = no target
+    is_next: np.ndarray  # [B] int64: 0 aligned, 1 random caption, -1 no alignment target
+    region_draws: np.ndarray  # [B, R] float64: each image's region-mask draws (1.0 past its regions)
+
+
+@dataclass
+class RegionPart:
+    """The image half of a pretraining batch (global region first)."""
+
+    image_feat: torch.Tensor  # [B, R+1, D] float16
+    image_target: torch.Tensor  # [B, R, C] float16
+    image_loc: np.ndarray  # [B, R+1, 5] float32
+    image_mask: np.ndarray  # [B, R+1] int64
+    image_label: np.ndarray  # [B, R] int64: 1 masked region, -1 not
+
+
 class PretrainCollate:
     """(samples, epoch) -> PretrainBatch. Picklable; `setup()` loads the tokenizer and caption
     pool (build_pretrain_loader calls it before the workers fork, so they inherit both).
@@ -104,18 +127,31 @@ class PretrainCollate:
         return d
 
     def __call__(self, samples: list[Sample], epoch: int) -> PretrainBatch:
-        """Stages: per-sample draws -> tokens -> text masking -> region copy -> region masking ->
-        global region and locations. Every random number comes from the sample's own generator,
-        drawn in a fixed order (negative, token masks, random ids, region masks); the masking
-        itself then runs over the whole batch at once."""
+        """Two stages, each over the whole batch: `text` (per-sample draws, tokens, text
+        masking) and `regions` (region copy and masking, global region, locations). Every random
+        number comes from the sample's own generator, drawn in a fixed order (negative, token
+        masks, random ids, region masks)."""
         if self.tokenizer is None:
             self.setup()
+        text = self.text(samples, epoch)
+        vis = self.regions(samples, text.region_draws)
+        if self.cfg.objective == 1:  # no masked modelling on misaligned pairs
+            text.masked_lm_labels[text.is_next == 1] = -1
+            vis.image_label[text.is_next == 1] = -1
+        ids_t = torch.from_numpy(text.input_ids)
+        return PretrainBatch(
+            input_ids=ids_t, token_type_ids=torch.zeros_like(ids_t), attention_mask=torch.from_numpy(text.attention_mask),
+            image_feat=vis.image_feat, image_loc=torch.from_numpy(vis.image_loc),
+            image_mask=torch.from_numpy(vis.image_mask), keys=[s.key for s in samples],
+            masked_lm_labels=torch.from_numpy(text.masked_lm_labels), image_label=torch.from_numpy(vis.image_label),
+            image_target=vis.image_target, is_next=torch.from_numpy(text.is_next),
+        )
+
+    def text(self, samples: list[Sample], epoch: int) -> "TextPart":
+        """Negatives, tokens and BERT masking of the batch, plus each image's region-mask draws
+        (the last draws of its generator, used by `regions`)."""
         cfg = self.cfg
-        B, L, R = len(samples), cfg.max_seq_length, cfg.max_regions
-        T = L - 2  # caption tokens between [CLS] and [SEP]
-        D = samples[0].features.shape[1]
-        C = (self.num_classes or (samples[0].cls_prob.shape[1] if samples[0].cls_prob is not None else D)) \
-            if cfg.visual_target == 0 else D
+        B, R, T = len(samples), cfg.max_regions, cfg.max_seq_length - 2  # T: tokens between [CLS] and [SEP]
         rngs, captions = [], []
         is_next = np.zeros(B, dtype=np.int64) if cfg.objective != 2 else np.full(B, -1, dtype=np.int64)
         for i, s in enumerate(samples):
@@ -130,27 +166,38 @@ class PretrainCollate:
             captions.append(caption)
         token_ids = self.tokenizer(captions, add_special_tokens=False)["input_ids"]
         n_tok = np.array([min(len(ids), T) for ids in token_ids], dtype=np.int64)  # [B]
-        n_reg = np.array([min(s.features.shape[0], R) for s in samples], dtype=np.int64)  # [B]
         tokens = np.zeros((B, T), dtype=np.int64)
         p_tok = np.ones((B, T))  # padding never draws below mask_prob (and is excluded below)
         random_ids = np.zeros((B, T), dtype=np.int64)
         p_reg = np.ones((B, R))
-        for i, (rng, ids) in enumerate(zip(rngs, token_ids)):
-            n, m = int(n_tok[i]), int(n_reg[i])
+        for i, (s, rng, ids) in enumerate(zip(samples, rngs, token_ids)):
+            n, m = int(n_tok[i]), min(s.features.shape[0], R)
             tokens[i, :n] = ids[:n]
             p_tok[i, :n] = rng.random(n)
             random_ids[i, :n] = rng.integers(0, self.vocab_size, size=n)
             p_reg[i, :m] = rng.random(m)
         input_ids, attention, lm = self._mask_text(tokens, n_tok, p_tok, random_ids)
+        return TextPart(input_ids=input_ids, attention_mask=attention, masked_lm_labels=lm, is_next=is_next,
+                        region_draws=p_reg)
+
+    def regions(self, samples: list[Sample], draws: np.ndarray) -> "RegionPart":
+        """Region rows of the batch from the shard bytes (one copy), masked with `draws` [B, R]
+        (each real region with draw < mask_prob is a target; 90% of the targets are zeroed),
+        the global region (masked mean) and the locations."""
+        cfg = self.cfg
+        B, R = len(samples), cfg.max_regions
+        D = samples[0].features.shape[1]
+        C = (self.num_classes or (samples[0].cls_prob.shape[1] if samples[0].cls_prob is not None else D)) \
+            if cfg.visual_target == 0 else D
+        n_reg = np.array([min(s.features.shape[0], R) for s in samples], dtype=np.int64)  # [B]
         feat_t = torch.empty((B, R + 1, D), dtype=torch.float16)  # every element is written below
         target_t = torch.empty((B, R, C), dtype=torch.float16)
         feat, target = feat_t.numpy(), target_t.numpy()
         boxes = np.zeros((B, R, 4), dtype=np.float32)
         size = np.ones((B, 2), dtype=np.float32)
         real = np.arange(R)[None, :] < n_reg[:, None]  # [B, R]
-        # region masking: each real region with p = mask_prob is a target; 90% of targets zeroed
-        chosen = (p_reg < cfg.mask_prob) & real  # [B, R]
-        r = p_reg / cfg.mask_prob if cfg.mask_prob > 0 else p_reg
+        chosen = (draws < cfg.mask_prob) & real  # [B, R]
+        r = draws / cfg.mask_prob if cfg.mask_prob > 0 else draws
         zeroed = chosen & (r < 0.9)
         sums = torch.empty((B, D), dtype=torch.float32)  # float32 sum of each image's masked regions
         for i, s in enumerate(samples):
@@ -173,20 +220,11 @@ class PretrainCollate:
         denom = np.maximum(1, n_reg - overlap.sum(axis=1)).astype(np.float32)
         # global region: float32 sum of the (masked) float16 regions (padding rows are zero)
         feat_t[:, 0] = (sums / torch.from_numpy(denom)[:, None]).to(torch.float16)
-        label = np.where(chosen, 1, -1).astype(np.int64)
         image_mask = np.zeros((B, R + 1), dtype=np.int64)
         image_mask[:, 0] = 1
         image_mask[:, 1:] = real
-        if cfg.objective == 1:  # no masked modelling on misaligned pairs
-            lm[is_next == 1] = -1
-            label[is_next == 1] = -1
-        ids_t = torch.from_numpy(input_ids)
-        return PretrainBatch(
-            input_ids=ids_t, token_type_ids=torch.zeros_like(ids_t), attention_mask=torch.from_numpy(attention),
-            image_feat=feat_t, image_loc=torch.from_numpy(loc), image_mask=torch.from_numpy(image_mask),
-            keys=[s.key for s in samples], masked_lm_labels=torch.from_numpy(lm), image_label=torch.from_numpy(label),
-            image_target=target_t, is_next=torch.from_numpy(is_next),
-        )
+        return RegionPart(image_feat=feat_t, image_target=target_t, image_loc=loc, image_mask=image_mask,
+                          image_label=np.where(chosen, 1, -1).astype(np.int64))
 
     def _mask_text(self, tokens: np.ndarray, n_tok: np.ndarray, p: np.ndarray, random_ids: np.ndarray):
         """BERT masking of the whole batch: tokens [B, T] (0-padded after n_tok [B]), their draws
