@@ -37,3 +37,22 @@ def _restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_process_group_leaks():
+    """A test module that starts a process group in the pytest process (the in-process benches
+    share one across their tests) must not hand it to later modules: a rank they fork would
+    inherit it and refuse to start its own ("initialize the default process group twice").
+    Tear a leftover group (and DeepSpeed's cached backend) down after each module."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        try:
+            import deepspeed.comm.comm as ds_comm
+
+            ds_comm.cdb = None
+        except ImportError:
+            pass

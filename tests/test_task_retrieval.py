@@ -228,7 +228,7 @@ def test_two_ranks_give_the_single_rank_ranking(flickr, registry, tmp_path):
         port = s.getsockname()[1]
     out = tmp_path / "rank0.json"
     registry_path = registry.path
-    mp.start_processes(_rank_worker, args=(2, port, registry_path, str(out)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_rank_worker, args=(2, port, registry_path, str(out)), nprocs=2, join=True, start_method="spawn")
     got = json.loads(out.read_text())
     assert got["images"] == sorted(single.records) and [tuple(c) for c in got["captions"]] == single.captions
     for key, value in single.result().items():
