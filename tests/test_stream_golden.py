@@ -63,6 +63,33 @@ def test_loader_batches_are_bit_identical_to_the_golden_run(data_config, case):
     assert _loader_digest(data_config(**overrides), mb=mb, seed=seed, epochs=epochs) == expected
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reused_worker_buffers_never_change_a_batch(data_config, workers):
+    """Loader workers write the large batch tensors into shared-memory buffers that they reuse
+    once the training process has dropped a batch (stream.BatchArena). A consumer that drops
+    each batch at once (reuse on every slot) and one that keeps every batch (no reuse: fresh
+    memory once the slots are taken) and one that keeps the last three must see the same bits."""
+    cfg = data_config(num_workers=workers, max_regions=10, shuffle_bytes="300KB")
+
+    def loader():
+        return build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=2, seed=7)
+
+    kept = list(loader())
+    assert len(kept) > 2 * (loader().prefetch_factor + 4), "too few batches to cycle the buffer slots"
+    held = batch_digest(kept)
+    del kept
+    assert batch_digest(iter(loader())) == held  # each batch hashed, then dropped
+
+    window, digests = [], []
+    for batch in loader():
+        window.append(batch)
+        if len(window) > 3:
+            digests.append(batch_digest([window.pop(0)]))
+    digests += [batch_digest([b]) for b in window]
+    by_batch = [batch_digest([b]) for b in loader()]
+    assert digests == by_batch
+
+
 def _cc_sized_samples(count: int, seed: int) -> list[Sample]:
     """CC-like samples in memory: 2048-d non-negative float16 features of the detector's range,
     20-50 boxes (some padded, some truncated at 36), image sizes up to 800 px."""
