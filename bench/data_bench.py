@@ -222,8 +222,9 @@ def stage_rates(manifest, collate, *, chunk: int, parallel: int, batch: int, rep
 
 
 def pipeline_rate(cfg, *, batch: int, epoch: int, before: Callable[[], None] | None = None) -> dict[str, float]:
-    """One epoch of the pretraining loader: steady samples/s (after the first batch), seconds to
-    the first batch, CPU ms per sample (this process + its exited workers, whole epoch)."""
+    """One epoch of the pretraining loader: steady samples/s (first to last batch: the start-up
+    before it and the workers' exit after it are left out), seconds to the first batch, CPU ms
+    per sample (this process + its exited workers, whole epoch)."""
     from vilbert_ds.data.pretrain import build_pretrain_loader
 
     loader = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=batch, seed=0)
@@ -235,11 +236,12 @@ def pipeline_rate(cfg, *, batch: int, epoch: int, before: Callable[[], None] | N
     n = 0
     for b in loader:
         n += b.size
+        last = time.perf_counter()  # the workers' exit after the last batch is not the pipeline's rate
         if first is None:
-            first = (time.perf_counter(), n)
+            first = (last, n)
     end = time.perf_counter()
     cpu = _cpu_s() - c0
-    steady = (n - first[1]) / (end - first[0]) if n > first[1] else n / (end - t0)
+    steady = (n - first[1]) / (last - first[0]) if n > first[1] else n / (end - t0)
     return {"samples_per_s": steady, "first_batch_s": first[0] - t0, "cpu_ms_per_sample": 1e3 * cpu / n, "samples": n}
 
 
@@ -416,6 +418,18 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ballast(gib: float) -> list:
+    """`gib` GiB of written (resident) float32 tensors in 256 MiB pieces."""
+    import torch
+
+    pieces, left = [], int(gib * 2**30) // 4
+    while left > 0:
+        n = min(left, 2**26)
+        pieces.append(torch.ones(n))
+        left -= n
+    return pieces
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="256 images, 2 repeats")
@@ -428,9 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reads", type=int, default=4, help="data.readahead_chunks: ranged reads in flight")
     p.add_argument("--no-s3", action="store_true", help="skip the local S3 endpoint")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--parent-gib", type=float, default=0.0,
+                   help="hold this many GiB of tensors in the measuring process while the loader workers fork from "
+                        "it, as a trainer holding a model does (0: none)")
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.repeats = 256, 2
+    ballast = _ballast(args.parent_gib)  # noqa: F841 - held until the figures are taken
     r = run(images=args.images, boxes=args.boxes, batch=args.batch, repeats=args.repeats, s3=not args.no_s3,
             window=args.window, chunk=args.chunk, parallel_reads=args.reads)
     r["command"] = "python bench/data_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
