@@ -219,6 +219,26 @@ def _lmdb_open(path: str, write: bool = False, map_size: int = 1 << 30):
     return lmdb.open(path, subdir=subdir, readonly=True, lock=False, readahead=False, meminit=False, max_readers=126)
 
 
+def _lmdb_values(paths: Sequence[str], handles, key_list: str, encoding: str):
+    """Yields (where, raw value) for (path index, key) handles, each LMDB opened once and closed
+    at the end; a key that the file's key list names but the file lacks is an InputError."""
+    envs: dict[int, Any] = {}
+    try:
+        for pi, key in handles:
+            env = envs.get(pi)
+            if env is None:
+                env = envs[pi] = _lmdb_open(paths[pi])
+            where = f"{paths[pi]} key {key.decode(encoding, 'replace')}"
+            with env.begin() as txn:
+                raw = txn.get(key)
+            if raw is None:
+                raise InputError(f"{where}: listed in {key_list} but absent")
+            yield where, raw
+    finally:
+        for env in envs.values():
+            env.close()
+
+
 def _msgpack_loads(buf: bytes):
     import msgpack
     import msgpack_numpy
@@ -280,21 +300,8 @@ class CcLmdbInput(FeatureInput):
         return handles
 
     def read(self, handles):
-        envs: dict[int, Any] = {}
-        try:
-            for pi, key in handles:
-                env = envs.get(pi)
-                if env is None:
-                    env = envs[pi] = _lmdb_open(self.paths[pi])
-                where = f"{self.paths[pi]} key {key.decode('ascii', 'replace')}"
-                with env.begin() as txn:
-                    raw = txn.get(key)
-                if raw is None:
-                    raise InputError(f"{where}: listed in __keys__ but absent")
-                yield self.parse(_msgpack_loads(raw), where)
-        finally:
-            for env in envs.values():
-                env.close()
+        for where, raw in _lmdb_values(self.paths, handles, "__keys__", "ascii"):
+            yield self.parse(_msgpack_loads(raw), where)
 
     def parse(self, dp, where: str) -> FeatureRecord:
         if not isinstance(dp, (list, tuple)) or len(dp) != 8:
@@ -340,33 +347,20 @@ class PickleLmdbInput(FeatureInput):
         return handles
 
     def read(self, handles):
-        envs: dict[int, Any] = {}
-        try:
-            for pi, key in handles:
-                env = envs.get(pi)
-                if env is None:
-                    env = envs[pi] = _lmdb_open(self.paths[pi])
-                where = f"{self.paths[pi]} key {key.decode('utf-8', 'replace')}"
-                with env.begin() as txn:
-                    raw = txn.get(key)
-                if raw is None:
-                    raise InputError(f"{where}: listed in 'keys' but absent")
-                item = pickle.loads(raw)
-                if not isinstance(item, dict):
-                    raise InputError(f"{where}: expected a dict, got {type(item).__name__}")
-                try:
-                    feats = _array(item["features"], np.float32, self.feature_dim, where, "features")
-                    boxes = _array(item["boxes"], np.float32, 4, where, "boxes")
-                    cls_prob = item.get("cls_prob")
-                    yield FeatureRecord(
-                        image_id=_to_str(item["image_id"]), image_w=int(item["image_w"]), image_h=int(item["image_h"]),
-                        boxes=boxes, features=feats,
-                        cls_prob=None if cls_prob is None else _array(cls_prob, np.float32, self.num_classes, where, "cls_prob"))
-                except KeyError as e:
-                    raise InputError(f"{where}: dict lacks the key {e}") from None
-        finally:
-            for env in envs.values():
-                env.close()
+        for where, raw in _lmdb_values(self.paths, handles, "'keys'", "utf-8"):
+            item = pickle.loads(raw)
+            if not isinstance(item, dict):
+                raise InputError(f"{where}: expected a dict, got {type(item).__name__}")
+            try:
+                feats = _array(item["features"], np.float32, self.feature_dim, where, "features")
+                boxes = _array(item["boxes"], np.float32, 4, where, "boxes")
+                cls_prob = item.get("cls_prob")
+                yield FeatureRecord(
+                    image_id=_to_str(item["image_id"]), image_w=int(item["image_w"]), image_h=int(item["image_h"]),
+                    boxes=boxes, features=feats,
+                    cls_prob=None if cls_prob is None else _array(cls_prob, np.float32, self.num_classes, where, "cls_prob"))
+            except KeyError as e:
+                raise InputError(f"{where}: dict lacks the key {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
