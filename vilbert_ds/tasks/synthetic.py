@@ -257,11 +257,20 @@ WRITERS: dict[str, Callable[..., tuple[dict[str, list[str]], dict[str, Any]]]] =
 
 def write_feature_set(world: TaskWorld, out_dir: Path, image_ids: list[str]) -> str:
     """A region-feature shard set for the images, via TSV and the data area's shard builder."""
+    return write_feature_records(out_dir, [world.image(image) for image in sorted(set(image_ids))])
+
+
+def write_feature_records(out_dir: Path, records: list[FeatureRecord]) -> str:
+    """A region-feature shard set from records (the first record of each image id), via TSV and
+    the data area's shard builder."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tsv = out_dir / "features.tsv"
     with open(tsv, "wb") as f:
-        for image in sorted(set(image_ids)):
-            write_tsv_row(f, world.image(image), with_cls_prob=False)
+        seen = set()
+        for rec in records:
+            if rec.image_id not in seen:
+                seen.add(rec.image_id)
+                write_tsv_row(f, rec, with_cls_prob=False)
     build(open_input("tsv", [str(tsv)]), None, BuildConfig(output=str(out_dir), prefix="features", max_count=64,
                                                           missing_caption="none", progress=False))
     tsv.unlink()

@@ -37,11 +37,10 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from ..data.formats import open_input, write_tsv_row
 from ..data.sample import FeatureRecord
 from ..data.synthetic import SyntheticSpec, SyntheticWorld
-from ..data.writer import BuildConfig, build
 from .registry import default_registry_path
+from .synthetic import write_feature_records
 
 COLORS = ("red", "blue", "green", "yellow")
 NOUNS = ("dog", "cat", "car")
@@ -375,21 +374,10 @@ WRITERS: dict[str, Callable[[SceneWorld, Path, SceneSpec], tuple[dict[str, Any],
 
 
 def write_records(out_dir: Path, records: list[FeatureRecord]) -> str:
-    """A region-feature shard set from records, via TSV and the data area's shard builder."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """A region-feature shard set from records, unless `out_dir` already holds one."""
     if (out_dir / "manifest.json").exists():
         return str(out_dir)
-    tsv = out_dir / "features.tsv"
-    with open(tsv, "wb") as f:
-        seen = set()
-        for rec in records:
-            if rec.image_id not in seen:
-                seen.add(rec.image_id)
-                write_tsv_row(f, rec, with_cls_prob=False)
-    build(open_input("tsv", [str(tsv)]), None, BuildConfig(output=str(out_dir), prefix="features", max_count=64,
-                                                          missing_caption="none", progress=False))
-    tsv.unlink()
-    return str(out_dir)
+    return write_feature_records(out_dir, records)
 
 
 def make_scene_tasks(root: str | os.PathLike, tasks: list[str] | tuple[str, ...] = SUPPORTED,
