@@ -186,6 +186,15 @@ def save_json(path: str | os.PathLike, tables: Sequence[Table], info: dict[str, 
                                      indent=1, default=str) + "\n", encoding="utf-8")
 
 
+
+def report(tables: Sequence[Table], info: dict[str, Any], markdown: bool, json_path: str | None) -> None:
+    """The end of each question's command: print the tables (text or Markdown) and, given a
+    path, save them as JSON with the machine and command line."""
+    print_tables(tables, markdown=markdown, info=info)
+    if json_path:
+        save_json(json_path, tables, info, command_line())
+
+
 def ratio(value: float | None, base: float | None) -> float | None:
     if value is None or base is None or base == 0 or (isinstance(value, float) and math.isnan(value)):
         return None

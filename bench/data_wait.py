@@ -123,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     info = C.machine()
     tables = run(args.quick, s3=not args.no_s3, gpu_samples_per_s=args.gpu_samples_per_s,
                  gpu_label="GPU measured" if args.gpu_samples_per_s else None)
-    C.print_tables(tables, markdown=args.markdown, info=info)
-    if args.json:
-        C.save_json(args.json, tables, info, C.command_line())
+    C.report(tables, info, args.markdown, args.json)
     return 0
 
 

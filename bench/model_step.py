@@ -289,9 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = run(args.quick, args.gpu, configs=args.configs, shapes=args.shapes, variants=args.variants,
                  batch=args.batch, budget_s=args.budget,
                  with_plain=bool(args.variants and "plain" in args.variants))
-    C.print_tables(tables, markdown=args.markdown, info=info)
-    if args.json:
-        C.save_json(args.json, tables, info, C.command_line())
+    C.report(tables, info, args.markdown, args.json)
     return 0
 
 

@@ -189,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         rates["CPU measured here (fp32, this machine)"] = cpu
     tables = run(samples_per_s=rates, samples_per_gpu=args.samples_per_gpu, micro_batch=args.micro_batch,
                  grad_bytes=args.grad_bytes, param_bytes=args.param_bytes)
-    C.print_tables(tables, markdown=args.markdown, info=info)
-    if args.json:
-        C.save_json(args.json, tables, info, C.command_line())
+    C.report(tables, info, args.markdown, args.json)
     return 0
 
 

@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     C.setup_env()
     info = C.machine()
     tables, _ = run(args.quick, steps=args.steps)
-    C.print_tables(tables, markdown=args.markdown, info=info)
-    if args.json:
-        C.save_json(args.json, tables, info, C.command_line())
+    C.report(tables, info, args.markdown, args.json)
     return 0
 
 

@@ -114,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     info = C.machine()
     tables = run(args.quick, args.gpu, configs=args.configs, shapes=args.shapes, batch=args.batch,
                  budget_s=args.budget)
-    C.print_tables(tables, markdown=args.markdown, info=info)
-    if args.json:
-        C.save_json(args.json, tables, info, C.command_line())
+    C.report(tables, info, args.markdown, args.json)
     return 0
 
 

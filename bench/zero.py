@@ -255,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     info = C.machine()
     tables = run(args.quick, config=args.config, ranks=args.ranks, batch=args.batch, steps=args.steps,
                  timeout_s=args.timeout, stages=args.stages, verbose=args.verbose)
-    C.print_tables(tables, markdown=args.markdown, info=info)
-    if args.json:
-        C.save_json(args.json, tables, info, C.command_line())
+    C.report(tables, info, args.markdown, args.json)
     return 0
 
 
