@@ -225,7 +225,7 @@ def pipeline_rate(cfg, *, batch: int, epoch: int, before: Callable[[], None] | N
     """One epoch of the pretraining loader: steady samples/s (first to last batch: the start-up
     before it and the workers' exit after it are left out), seconds to the first batch, CPU ms
     per sample (this process + its exited workers, whole epoch)."""
-    from vilbert_ds.data.pretrain import build_pretrain_loader
+    from vilbert_ds.data.cc_batches import build_pretrain_loader
 
     loader = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=batch, seed=0)
     loader.set_epoch(epoch)
@@ -293,7 +293,7 @@ def run(images: int = 256, boxes: int = 36, batch: int = 32, repeats: int = 3, s
     from vilbert_ds.data.config import DataConfig, parse_bytes
     from vilbert_ds.data.formats import Captions, TsvInput
     from vilbert_ds.data.manifest import load_source
-    from vilbert_ds.data.pretrain import PretrainCollate
+    from vilbert_ds.data.cc_batches import PretrainCollate
     from vilbert_ds.data.synthetic import SyntheticSpec, write_tsv
     from vilbert_ds.data.writer import BuildConfig, build
 

@@ -4,7 +4,7 @@ depend on the region features, against the best text-only baseline.
     python bench/tasks_region_dependence.py --out /tmp/rd_bench            # ~3-5 min on 2 CPU cores
 
 Writes synthetic VQA v2 / GQA / SNLI-VE / NLVR2 files in their public formats
-(`vilbert_ds.tasks.synthetic`: two coloured objects per image, questions about them), builds the
+(`vilbert_ds.tasks.synthetic_qa`: two coloured objects per image, questions about them), builds the
 task shards, trains `vilbert-ds multitask` (1 CPU rank, DeepSpeed ZeRO-1, tiny model) and
 compares each task's final validation score with `text_only_baseline` (the training split's most
 frequent answer for each question text: the best any model that ignores the image can expect).
@@ -42,7 +42,7 @@ def main() -> int:
 
     from vilbert_ds.tasks.build import build_task
     from vilbert_ds.tasks.registry import load_registry
-    from vilbert_ds.tasks.synthetic import SyntheticTaskSpec, make_synthetic_tasks, text_only_baseline
+    from vilbert_ds.tasks.synthetic_qa import SyntheticTaskSpec, make_synthetic_tasks, text_only_baseline
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import pytest
 import s3fs
 
 from vilbert_ds.cli import main as cli
-from vilbert_ds.data.pretrain import build_pretrain_loader
+from vilbert_ds.data.cc_batches import build_pretrain_loader
 from vilbert_ds.data.sample import SampleError
 from vilbert_ds.data.storage import ShardReadError
 from vilbert_ds.data.synthetic import SyntheticSpec, write_tsv

@@ -81,7 +81,7 @@ def test_two_node_zero2_job_survives_its_warning_signal_and_a_node_crash(slurm, 
     (step 16) and finishes. Every step and every sample exactly once."""
     run_dir = tmp_path / "run"
     job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--job-name=pretrain",
-                        str(REPO / "slurm" / "pretrain.sbatch"), *launch_inputs.overrides(run_dir)],
+                        str(REPO / "slurm" / "train.sbatch"), *launch_inputs.overrides(run_dir)],
                        env=_job_env(launch_inputs), cwd=tmp_path)
     _wait_for_step(slurm, job, run_dir, 3)
     # the warning SLURM sends before the time limit (--signal=USR1@N), delivered now
@@ -128,7 +128,9 @@ def test_sbatch_scripts_start_their_entry_points(slurm, tmp_path):
     """multitask / finetune / eval: submitted unchanged, srun starts the right module (asked for
     its --help, so no task data is needed) with the script's own arguments in front."""
     env = {"PYTHON": sys.executable, "DS_ACCELERATOR": "cpu"}
-    jobs = {name: slurm.sbatch([str(REPO / "slurm" / f"{name}.sbatch"), "--help"], env=env, cwd=tmp_path)
+    script = {"multitask": "train", "finetune": "train", "eval": "eval"}  # train.sbatch runs $ENTRY
+    jobs = {name: slurm.sbatch([str(REPO / "slurm" / f"{script[name]}.sbatch"), "--help"],
+                               env=dict(env, ENTRY=name), cwd=tmp_path)
             for name in ("multitask", "finetune", "eval")}
     usage = {"multitask": "vilbert_ds.multitask", "finetune": "vilbert_ds.finetune", "eval": "vilbert_ds.evaluate"}
     for name, job in jobs.items():

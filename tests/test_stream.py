@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from vilbert_ds.data.pretrain import build_pretrain_loader, iou_matrix
-from vilbert_ds.data.stream import RoundRobin, split_ranges
+from vilbert_ds.data.cc_batches import build_pretrain_loader, iou_matrix
+from vilbert_ds.data.stream import WorkerRoundRobin, split_ranges
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,7 +42,7 @@ def test_batch_fields_follow_the_original_layout(data_config, synthetic_shards):
 
 def test_global_region_is_the_original_masked_mean(data_config):
     """Region 0 = sum of the features after masking / (regions outside the IoU>0.4 overlap set)."""
-    from vilbert_ds.data.pretrain import PretrainCollate
+    from vilbert_ds.data.cc_batches import PretrainCollate
     from vilbert_ds.data.sample import Sample
 
     rng = np.random.default_rng(0)
@@ -187,7 +187,7 @@ def test_state_mismatch_is_refused(data_config):
 def test_round_robin_bookkeeping():
     blocks = split_ranges([(0, 10)], 3)
     assert blocks == [[(0, 4)], [(4, 7)], [(7, 10)]]
-    rr = RoundRobin(blocks)
+    rr = WorkerRoundRobin(blocks)
     order = [rr.take() for _ in range(10)]
     assert order == [0, 4, 7, 1, 5, 8, 2, 6, 9, 3]
     assert rr.remaining() == 0

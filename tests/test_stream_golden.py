@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from vilbert_ds.data.pretrain import PretrainCollate, build_pretrain_loader
+from vilbert_ds.data.cc_batches import PretrainCollate, build_pretrain_loader
 from vilbert_ds.data.sample import Sample
 
 pytestmark = pytest.mark.timeout(180)

@@ -13,7 +13,7 @@ from test_task_refer import task_sample
 from vilbert_ds.model import ViLBert
 from vilbert_ds.model.config import tiny
 from vilbert_ds.model.model import ViLBertOutput
-from vilbert_ds.tasks.base import load_tokenizer
+from vilbert_ds.data.tokenizer import load_tokenizer
 from vilbert_ds.tasks.build import TaskBuildConfig, build_task
 from vilbert_ds.tasks.loader import EvalLoader, TaskDataConfig, build_task_loader, evaluate_task
 from vilbert_ds.tasks.pointing import PointingBatch

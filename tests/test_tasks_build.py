@@ -9,7 +9,7 @@ import torch
 
 from vilbert_ds.data.manifest import load_source
 from vilbert_ds.data.tario import iter_members, split_name
-from vilbert_ds.tasks.base import load_tokenizer
+from vilbert_ds.data.tokenizer import load_tokenizer
 from vilbert_ds.tasks.build import TaskBuildConfig, build_task, held_out_image_ids
 from vilbert_ds.tasks.loader import EvalLoader, TaskDataConfig, build_task_loader, eval_positions
 from vilbert_ds.tasks.registry import build_family, load_registry

@@ -11,10 +11,10 @@ from vilbert_ds.engine import WarmupLinearSchedule, param_groups
 from vilbert_ds.model import ViLBert
 from vilbert_ds.model.config import tiny
 from vilbert_ds.multitask import lr_scale_fn
-from vilbert_ds.tasks.base import load_tokenizer
+from vilbert_ds.data.tokenizer import load_tokenizer
 from vilbert_ds.tasks.loader import EvalLoader, TaskDataConfig, build_task_loader, evaluate_task
 from vilbert_ds.tasks.registry import build_family, load_registry
-from vilbert_ds.tasks.synthetic import text_only_baseline
+from vilbert_ds.tasks.synthetic_qa import text_only_baseline
 
 
 @pytest.mark.slow

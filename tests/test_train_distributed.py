@@ -171,7 +171,7 @@ def test_changing_zero_stage_between_1_2_and_3_on_resume_is_refused(stage_runs, 
 def _loader_order(cfg_path: Path, *, world: int, micro: int, steps: int) -> dict[int, dict[int, list[str]]]:
     """{rank: {update: sample keys}} of an uninterrupted run, read from the loader itself."""
     from vilbert_ds.config import TrainConfig
-    from vilbert_ds.data.pretrain import build_pretrain_loader
+    from vilbert_ds.data.cc_batches import build_pretrain_loader
 
     cfg = TrainConfig.load(cfg_path)
     order = {}

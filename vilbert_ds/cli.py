@@ -13,7 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vilbert_ds.commands.info", "describe a model config or checkpoint (parameter counts, heads)"),
     "convert": ("vilbert_ds.commands.convert", "convert original ViLBERT checkpoints to vilbert-ds and back"),
-    "shards": ("vilbert_ds.data.shards_cli", "build, verify and inspect WebDataset feature shards"),
+    "shards": ("vilbert_ds.commands.shards", "build, verify and inspect WebDataset feature shards"),
     "pretrain": ("vilbert_ds.pretrain", "pretrain ViLBERT on Conceptual Captions shards with DeepSpeed"),
     "multitask": ("vilbert_ds.multitask", "12-in-1 multi-task training with task sampling"),
     "finetune": ("vilbert_ds.finetune", "fine-tune one task from a checkpoint"),

@@ -24,7 +24,7 @@ import torch
 
 from .distributed import DistEnv, init_distributed, shutdown_distributed
 from .model import ViLBert, ViLBertConfig
-from .tasks.base import load_tokenizer
+from .data.tokenizer import load_tokenizer
 from .tasks.loader import EvalLoader, TaskDataConfig, evaluate_task
 from .tasks.registry import build_family, load_registry
 

@@ -44,7 +44,8 @@ from .engine import (DeepSpeedConfigError, WarmupLinearSchedule, build_engine, e
                      load_ds_config, param_groups, validate_ds_config, warmup_steps_for)
 from .metrics import MetricsConfig, MetricsLogger
 from .model import ViLBert, resolve_config
-from .tasks.base import TaskBatch, TaskFamily, load_tokenizer
+from .data.tokenizer import load_tokenizer
+from .tasks.base import TaskBatch, TaskFamily
 from .tasks.loader import EvalLoader, TaskDataConfig, build_task_loader, evaluate_task
 from .tasks.registry import Registry, TaskConfig, build_family, load_registry, select_tasks
 from .tasks.sampler import SamplerConfig, TaskSampler, build_sampler, eval_due

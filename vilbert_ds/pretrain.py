@@ -104,7 +104,7 @@ LoaderFactory = Callable[..., Any]
 
 
 def _default_loader_factory(cfg, *, split, rank, world_size, micro_batch_size, seed):
-    from .data.pretrain import build_pretrain_loader
+    from .data.cc_batches import build_pretrain_loader
 
     return build_pretrain_loader(cfg, split=split, rank=rank, world_size=world_size,
                                  micro_batch_size=micro_batch_size, seed=seed)

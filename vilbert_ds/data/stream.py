@@ -319,7 +319,7 @@ def split_ranges(ranges: Sequence[tuple[int, int]], parts: int) -> list[list[tup
     return out
 
 
-class RoundRobin:
+class WorkerRoundRobin:
     """Which batches each DataLoader worker slot still has to deliver.
 
     The DataLoader asks its workers in cyclic order and skips exhausted ones, so the consumer
@@ -743,13 +743,13 @@ class StreamingLoader:
         continues exactly. Otherwise the unconsumed batches are re-split (same set, new order)."""
         if len(self._slots) == workers:
             return [list(slot) for slot in self._slots]
-        return split_ranges(RoundRobin(self._slots).merged(), workers)
+        return split_ranges(WorkerRoundRobin(self._slots).merged(), workers)
 
     def __iter__(self):
         if self.remaining() == 0:
             return
         workers = max(1, self.num_workers)
-        rr = RoundRobin(self._worker_blocks(workers))
+        rr = WorkerRoundRobin(self._worker_blocks(workers))
         layout = RankLayout(total=self.epoch_total, rank=self.rank, world_size=self.world_size,
                             micro_batch=self.micro_batch, window=self.window, shuffle=self.shuffle,
                             seed=self.seed, epoch=self.epoch)

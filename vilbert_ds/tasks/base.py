@@ -132,19 +132,6 @@ def first_existing(root: str, names: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------------------ text
-def load_tokenizer(vocab: str | os.PathLike | None = None):
-    """The uncased WordPiece tokenizer of the data area (`data.pretrain.load_tokenizer`: a vocab.txt
-    or tokenizer directory, local only); default: the local vocab of `vilbert_ds.assets.minilm_dir()`,
-    identical to bert-base-uncased's."""
-    from ..data.pretrain import load_tokenizer as load
-
-    if not vocab:
-        from ..assets import minilm_dir
-
-        vocab = minilm_dir()
-    return load(os.fspath(vocab))
-
-
 def encode_text(tokenizer: Any, text: str, max_length: int, text_b: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """[CLS] a [SEP] (b [SEP]) truncated to `max_length` tokens: (input_ids [L], token_type_ids [L]) int64.
 

@@ -14,7 +14,7 @@ green cat and a red dog"), so every task needs the image to be solved.
 `make_scene_tasks(root, tasks)` writes under `root` the layout of the packaged tasks.yaml with
 `data_root = root` (annotations/<task>/..., features/<set>/ built by the data area's shard
 builder from bottom-up-attention TSV files) and `root/tasks.yaml` (updating one written by
-`tasks.synthetic.make_synthetic_tasks`, so both sets of tasks can train together). Feature sets
+`tasks.synthetic_qa.make_synthetic_tasks`, so both sets of tasks can train together). Feature sets
 get task-specific directories (features/<task>, features/<task>_gt) so they never replace
 another generator's shared sets.
 
@@ -40,7 +40,7 @@ import yaml
 from ..data.sample import FeatureRecord
 from ..data.synthetic import SyntheticSpec, SyntheticWorld
 from .registry import default_registry_path
-from .synthetic import write_feature_records
+from .synthetic_qa import write_feature_records
 
 COLORS = ("red", "blue", "green", "yellow")
 NOUNS = ("dog", "cat", "car")
@@ -419,7 +419,7 @@ def learning_check(registry_path: str | os.PathLike, task: str, steps: int, *, b
 
     from ..model import ViLBert
     from ..model.config import tiny
-    from .base import load_tokenizer
+    from ..data.tokenizer import load_tokenizer
     from .loader import EvalLoader, TaskDataConfig, build_task_loader, evaluate_task
     from .registry import build_family, load_registry
 

@@ -24,10 +24,8 @@ whatever the worker layout and after a resume.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,28 +36,12 @@ from .batch import PretrainBatch
 from .config import DataConfig
 from .manifest import Manifest, load_source
 from .sample import Sample
+from .tokenizer import load_tokenizer
 from .stream import ReadOptions, Source, StreamingLoader, batch_tensor, sample_rng
 
 log = logging.getLogger(__name__)
 
 OVERLAP_IOU = 0.4  # regions overlapping a masked one above this IoU leave the global-mean denominator
-
-
-def load_tokenizer(vocab: str):
-    """Uncased WordPiece `BertTokenizerFast` from a vocab.txt or a tokenizer directory (local only)."""
-    from transformers import BertTokenizerFast
-
-    if not vocab:
-        raise ValueError("data.vocab: path of a vocab.txt or tokenizer directory is required")
-    if os.path.isdir(vocab):
-        if os.path.exists(os.path.join(vocab, "tokenizer.json")) or os.path.exists(os.path.join(vocab, "tokenizer_config.json")):
-            return BertTokenizerFast.from_pretrained(vocab, local_files_only=True)
-        vocab = os.path.join(vocab, "vocab.txt")
-    if not os.path.isfile(vocab):
-        raise ValueError(f"data.vocab: {vocab} does not exist")
-    params = inspect.signature(BertTokenizerFast.__init__).parameters
-    key = "vocab" if "vocab" in params else "vocab_file"  # transformers 5 renamed vocab_file
-    return BertTokenizerFast(**{key: vocab}, do_lower_case=True)
 
 
 def iou_matrix(boxes: np.ndarray, others: np.ndarray | None = None) -> np.ndarray:

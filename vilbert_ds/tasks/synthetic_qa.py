@@ -1,4 +1,6 @@
-"""Synthetic task data in the real public annotation formats, with answers that need the image.
+"""Synthetic answer-classification tasks (VQA, GQA, GenomeQA, SNLI-VE, GuessWhat, NLVR2) in their
+real public annotation formats, with answers that need the image (refer, pointing, retrieval and
+VCR: `synthetic_scenes.py`).
 
 A world of coloured objects: classes (colour, noun) for COLORS x NOUNS, each with the fixed
 feature prototype of the data area's `SyntheticWorld` (post-ReLU-like 2048-d vectors). An image
@@ -15,7 +17,7 @@ expects with `data_root = root`:
 Image-id overlaps are deliberate: GuessWhat's test images are also VQA training images, so
 clean_train_sets has something to remove.
 
-    python -m vilbert_ds.tasks.synthetic --root /tmp/syn_tasks --tasks vqa,gqa,nlvr2
+    python -m vilbert_ds.tasks.synthetic_qa --root /tmp/syn_tasks --tasks vqa,gqa,nlvr2
 """
 from __future__ import annotations
 
@@ -339,7 +341,7 @@ def text_only_baseline(registry, task: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vilbert_ds.tasks.synthetic", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vilbert_ds.tasks.synthetic_qa", description=__doc__.splitlines()[0])
     p.add_argument("--root", required=True)
     p.add_argument("--tasks", default=",".join(SUPPORTED))
     p.add_argument("--images", type=int, default=16, help="images per split")

@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 
-from . import synthetic
+from ..data import synthetic
 
 
 def _storage_options(args) -> dict:
@@ -34,7 +34,7 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
 
 
 def _add_input(p: argparse.ArgumentParser) -> None:
-    from .formats import FORMATS
+    from ..data.formats import FORMATS
 
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="input feature format")
     p.add_argument("--input", required=True, nargs="+", help="input file(s) / directory")
@@ -89,8 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _builder(args):
-    from .formats import Captions, open_input
-    from .writer import BuildConfig, ShardBuilder
+    from ..data.formats import Captions, open_input
+    from ..data.writer import BuildConfig, ShardBuilder
 
     kwargs = dict(feature_dim=args.feature_dim, num_classes=args.num_classes)
     if args.trust_pickle:
@@ -110,9 +110,9 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from .formats import InputError
-    from .manifest import ManifestError
-    from .sample import SampleError
+    from ..data.formats import InputError
+    from ..data.manifest import ManifestError
+    from ..data.sample import SampleError
 
     try:
         return _run(args)
@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         print(builder.write_manifest())
         return 0
     if args.action == "verify":
-        from .verify import verify_manifest
+        from ..data.verify import verify_manifest
 
         report = verify_manifest(args.manifest, _storage_options(args), workers=args.workers)
         for line in report.lines():
