@@ -34,15 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .weights import CheckpointError  # the one error type for checkpoints that cannot be used as asked
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 META = "vilbert_ds.json"
 TAG_RE = re.compile(r"^step(\d{8,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used as asked; the message says why and what to do."""
 
 
 def tag_for(step: int) -> str:

@@ -28,7 +28,8 @@ TASK_HEAD_PREFIXES = ("vil_prediction.", "vil_prediction_gqa.", "vil_binary_pred
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: the message names the keys."""
+    """A checkpoint (weights file, training checkpoint, resume request) that cannot be used as
+    asked: the message names the file or keys and says what to do. The one such error type."""
 
 
 # ------------------------------------------------------------------------- raw files
