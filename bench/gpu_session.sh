@@ -66,7 +66,8 @@ if [ "$DRY" = 1 ]; then
 else
     OUT=${OUT:?set by the device tool}
     WORK=${WORK:-/tmp/gpu_session}
-    IMAGES=4096 TASK_IMAGES=1024 SHARD_WORKERS=8
+    # TASK_IMAGES < 900: above, synthetic_qa's VQA image ids (train 100+i, val 1000+i) collide
+    IMAGES=4096 TASK_IMAGES=768 SHARD_WORKERS=4
     MODEL=base_6layer_6conect MB=128 STEPS=600 LOG_EVERY=50 WORKERS=8
     TASK_BATCH=64 ITERS=120 TASK_WORKERS=2
     BENCH_ARGS="--quick --gpu --skip-variants compile"
@@ -74,6 +75,7 @@ else
 fi
 LOGS=$WORK/logs
 rm -rf "$WORK" && mkdir -p "$OUT" "$LOGS"
+rm -f "$OUT"/session.txt "$OUT"/bench.json "$OUT"/runs.json "$OUT"/compile.json "$OUT"/logs.tgz  # an earlier call's
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 VOCAB=$REPO/.whl/vocab/vocab.txt
 
@@ -106,6 +108,7 @@ if [ "$DRY" = 1 ]; then
     export PYTHONPATH=$REPO
     say "DRY run on the CPU (DS_ACCELERATOR=cpu), tiny sizes; OUT=$OUT"
 else
+    say "installing the carried wheels (.whl/) into /tmp/site"
     [ -d /usr/local/cuda/bin ] && export PATH=$PATH:/usr/local/cuda/bin
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         >"$LOGS/install.log" 2>&1 || { say "wheel install failed"; cat "$LOGS/install.log" | tee -a "$OUT/session.txt"; }
@@ -226,8 +229,11 @@ wants d && run_part d_compile 240 $PY bench/model_step.py $COMPILE_ARGS $ADAM_BE
 runs=()
 [ -s "$WORK/runs/pretrain/metrics.jsonl" ] && runs+=(--pretrain "$WORK/runs/pretrain")
 [ -s "$WORK/runs/multitask/metrics.jsonl" ] && runs+=(--multitask "$WORK/runs/multitask")
-[ ${#runs[@]} -gt 0 ] && $PY bench/train_runs.py "${runs[@]}" --markdown --json "$OUT/runs.json" \
-    >"$LOGS/train_runs.log" 2>&1
+if [ ${#runs[@]} -gt 0 ] && ! $PY bench/train_runs.py "${runs[@]}" --markdown --json "$OUT/runs.json" \
+    >"$LOGS/train_runs.log" 2>&1; then
+    say "bench/train_runs.py failed:"
+    tail -n 10 "$LOGS/train_runs.log" | tee -a "$OUT/session.txt"
+fi
 results=()
 for f in bench runs compile; do [ -s "$OUT/$f.json" ] && results+=("$OUT/$f.json"); done
 if [ ${#results[@]} -gt 0 ]; then

@@ -103,7 +103,8 @@ def run(pretrain: list[str] = (), multitask: list[str] = ()) -> list[C.Table]:
             "medians over the logged windows after the first (metrics.jsonl); TFLOP/s and MFU as the trainer "
             "logs them (analytic FLOPs of docs/PERFORMANCE.md section 1, dense bf16 peak of the device)",
             "data wait = time the trainer blocked on the loader / step time (perf/data_wait_frac); "
-            "peak = torch.cuda.max_memory_allocated; ckpt save = the final checkpoint (weights + optimizer state)",
+            "peak = mem/peak_gib_per_rank (torch.cuda.max_memory_allocated on a GPU); ckpt save = the final "
+            "checkpoint (weights + optimizer state)",
         ]
         tables.append(table)
     if multitask:
