@@ -186,6 +186,14 @@ def save_json(path: str | os.PathLike, tables: Sequence[Table], info: dict[str, 
                                      indent=1, default=str) + "\n", encoding="utf-8")
 
 
+def load_json(path: str | os.PathLike) -> tuple[dict[str, Any], str, list[Table]]:
+    """(machine, command, tables) of a file written by `save_json`, e.g. on a lent GPU machine."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        return raw["machine"], raw["command"], [Table(**t) for t in raw["tables"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a bench result file ({e})") from None
+
 
 def report(tables: Sequence[Table], info: dict[str, Any], markdown: bool, json_path: str | None) -> None:
     """The end of each question's command: print the tables (text or Markdown) and, given a
@@ -432,7 +440,9 @@ class StepSpec:
     shape: Shape = PRETRAIN
     batch: int = 8
     attention: str = "sdpa"  # sdpa | eager
-    optimizer: str = "fused_adam"  # fused_adam (DeepSpeed FusedAdam) | torch_adamw
+    # fused_adam (DeepSpeed FusedAdam) | torch_adamw (torch.optim.AdamW, its default implementation) |
+    # torch_fused (torch.optim.AdamW(fused=True): the baseline where FusedAdam cannot be built)
+    optimizer: str = "fused_adam"
     checkpointing: bool = False  # activation checkpointing of every encoder layer
     compile: bool = False  # torch.compile of the model (DeepSpeed engine.compile)
     precision: str = "fp32"  # fp32 | bf16
@@ -455,8 +465,10 @@ def ds_config(spec: StepSpec, *, lr: float = 1e-4) -> dict[str, Any]:
     """The DeepSpeed config of a bench step: one micro-batch per update, clipping 1.0, AdamW as
     the pretraining config (betas 0.9/0.98, eps 1e-8, wd 0.01)."""
     params: dict[str, Any] = {"lr": lr, "betas": [0.9, 0.98], "eps": 1e-8, "weight_decay": 0.01}
-    if spec.optimizer == "torch_adamw":
+    if spec.optimizer in ("torch_adamw", "torch_fused"):
         params["torch_adam"] = True  # DeepSpeed then builds torch.optim.AdamW (default implementation)
+    if spec.optimizer == "torch_fused":
+        params["fused"] = True  # passed through to torch.optim.AdamW: one fused kernel, no DeepSpeed op to build
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": spec.batch,
         "gradient_accumulation_steps": 1,

@@ -30,6 +30,7 @@ import common as C  # noqa: E402
 Q1_VARIANTS = ("baseline", "eager", "torch_adamw", "ckpt", "bf16", "compile")
 ALL_VARIANTS = Q1_VARIANTS + ("plain",)  # plain: the straightforward step of question 2 (bench/vs_plain.py)
 SHARED = ("baseline", "eager", "ckpt")  # run on one engine, switched in place between steps
+BASE_OPTIMIZERS = ("fused_adam", "torch_fused")  # the optimizer of every variant but torch_adamw
 
 # CPU batches keep one base-config step to a few seconds on 2 cores; GPU batches are the
 # original's per-GPU share of its global batch (512 / 8 GPUs = 64).
@@ -37,9 +38,9 @@ CPU_BATCH = {"tiny": 16, "base_2layer_2conect": 4, "base_6layer_6conect": 4}
 GPU_BATCH = {"tiny": 128, "base_2layer_2conect": 64, "base_6layer_6conect": 64}
 
 
-def plan(quick: bool, gpu: bool, configs=None, shapes=None,
-         variants=None) -> list[tuple[str, C.Shape, tuple[str, ...]]]:
-    """(config, shape, variants) groups to measure."""
+def plan(quick: bool, gpu: bool, configs=None, shapes=None, variants=None,
+         skip: tuple[str, ...] = ()) -> list[tuple[str, C.Shape, tuple[str, ...]]]:
+    """(config, shape, variants) groups to measure; `skip` names variants to leave out."""
     configs_default = configs is None
     if configs is None:
         if gpu:  # tiny says nothing about a GPU
@@ -65,7 +66,7 @@ def plan(quick: bool, gpu: bool, configs=None, shapes=None,
                     chosen = ("baseline", "eager", "bf16")
             else:
                 chosen = Q1_VARIANTS if config == "tiny" else tuple(v for v in Q1_VARIANTS if v != "compile")
-            out.append((config, shape, chosen))
+            out.append((config, shape, tuple(v for v in chosen if v not in skip)))
     if quick and not gpu and configs_default and C.PRETRAIN in shapes and (variants is None or "baseline" in variants):
         # One base-config step (the scaling question needs a measured single-device rate).
         out.append(("base_6layer_6conect", C.PRETRAIN, ("baseline",)))
@@ -115,7 +116,8 @@ def eval_loss(step: C.Step, gpu: bool) -> float:
 
 
 def measure_group(config: str, shape: C.Shape, batch: int, variants: tuple[str, ...], *, gpu: bool, warmup: int,
-                  rounds: int, budget_s: float, max_alive_params: float) -> list[dict]:
+                  rounds: int, budget_s: float, max_alive_params: float,
+                  base_optimizer: str = "fused_adam") -> list[dict]:
     """Rows of one (config, shape, batch) group.
 
     Round 0 times the shared-engine variants (baseline, eager, ckpt) and the variants that need
@@ -126,7 +128,7 @@ def measure_group(config: str, shape: C.Shape, batch: int, variants: tuple[str, 
     build is untimed; the next one runs under the memory profiler (untimed); then `warmup - 2`
     more untimed steps (GPU) and the timed rounds.
     """
-    base_spec = C.StepSpec(config=config, shape=shape, batch=batch, gpu=gpu)
+    base_spec = C.StepSpec(config=config, shape=shape, batch=batch, gpu=gpu, optimizer=base_optimizer)
     clock = time.perf_counter()
     phases: dict[str, float] = {}
 
@@ -223,9 +225,12 @@ def measure_group(config: str, shape: C.Shape, batch: int, variants: tuple[str, 
 
 
 def run(quick: bool = True, gpu: bool = False, *, configs=None, shapes=None, variants=None, batch: int | None = None,
-        budget_s: float | None = None, with_plain: bool = False) -> list[C.Table]:
+        budget_s: float | None = None, with_plain: bool = False, skip: tuple[str, ...] = (),
+        base_optimizer: str = "fused_adam") -> list[C.Table]:
     """The question-1 table; with `with_plain` every group also times the plain step and the
-    question-2 table (bench/vs_plain.py) is returned after it, from the same rounds."""
+    question-2 table (bench/vs_plain.py) is returned after it, from the same rounds. `skip`
+    leaves variants out of the plan; `base_optimizer` torch_fused replaces DeepSpeed FusedAdam in
+    every variant but torch_adamw (for a machine where FusedAdam cannot be built)."""
     # Process CPU time says nothing about a GPU step: its ratio column is CPU-only.
     columns = (["config", "shape", "batch", "variant", "samples/s", "x base"] + ([] if gpu else ["x base (cpu)"])
                + ["step ms", "peak MiB", "mem x base"] + (["TFLOP/s", "MFU"] if gpu else ["GFLOP/s"]))
@@ -234,7 +239,7 @@ def run(quick: bool = True, gpu: bool = False, *, configs=None, shapes=None, var
     # Engines alive at once: CPU keeps every variant of tiny only; GPU those of 2layer_2conect.
     max_alive = 5e7 if not gpu else 1.2e9
     rows = []
-    for config, shape, chosen in plan(quick, gpu, configs, shapes, variants):
+    for config, shape, chosen in plan(quick, gpu, configs, shapes, variants, skip):
         scaling_only = quick and not gpu and config == "base_6layer_6conect"  # one baseline step for Q6
         if with_plain and "plain" not in chosen and not scaling_only:
             chosen = tuple(chosen) + ("plain",)
@@ -247,7 +252,7 @@ def run(quick: bool = True, gpu: bool = False, *, configs=None, shapes=None, var
             warmup, rounds = 2, (6 if config == "tiny" else 2) if quick else (10 if config == "tiny" else 5)
         start = time.perf_counter()
         rows += measure_group(config, shape, b, chosen, gpu=gpu, warmup=warmup, rounds=rounds, budget_s=per_group,
-                              max_alive_params=max_alive)
+                              max_alive_params=max_alive, base_optimizer=base_optimizer)
         print(f"[model_step] {C.SHORT_NAMES[config]} {shape} batch {b}: {time.perf_counter() - start:.0f}s",
               file=sys.stderr, flush=True)
     table.rows = [r for r in rows if r["variant"] != "plain"]
@@ -264,6 +269,9 @@ def run(quick: bool = True, gpu: bool = False, *, configs=None, shapes=None, var
     if not gpu:
         table.notes.append("torch.compile is measured in the full run on tiny only: on CPU its first step "
                            "compiles C++ for minutes")
+    if base_optimizer != "fused_adam":
+        table.notes.append(f"every variant but torch_adamw ran {base_optimizer} (torch.optim.AdamW(fused=True)) "
+                           "instead of DeepSpeed FusedAdam")
     tables = [table]
     if with_plain:
         import vs_plain
@@ -281,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="*", choices=ALL_VARIANTS)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--budget", type=float, help="seconds of timed rounds per group")
+    parser.add_argument("--base-optimizer", choices=BASE_OPTIMIZERS, default="fused_adam",
+                        help="torch_fused: torch.optim.AdamW(fused=True) where DeepSpeed FusedAdam cannot be built")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -288,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     info = C.machine()
     tables = run(args.quick, args.gpu, configs=args.configs, shapes=args.shapes, variants=args.variants,
                  batch=args.batch, budget_s=args.budget,
-                 with_plain=bool(args.variants and "plain" in args.variants))
+                 with_plain=bool(args.variants and "plain" in args.variants), base_optimizer=args.base_optimizer)
     C.report(tables, info, args.markdown, args.json)
     return 0
 

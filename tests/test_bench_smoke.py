@@ -85,6 +85,78 @@ def test_quickest_bench_paths_print_their_tables(bench_common, capsys):
     assert all(r["samples/s"] > 0 and r["peak MiB"] > 0 for r in rows)
 
 
+def test_torch_fused_optimizer_builds_no_deepspeed_op(bench_common, monkeypatch):
+    """Where nvcc cannot build FusedAdam (bench/gpu_session.sh's fallback), DeepSpeed's torch_adam
+    with fused=True runs torch.optim.AdamW(fused=True) and build_engine builds no op at all."""
+    import vilbert_ds.ops
+    from vilbert_ds.engine import base_optimizer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("build_engine built a DeepSpeed op for torch's AdamW")
+
+    monkeypatch.setattr(vilbert_ds.ops, "ensure_ops", refuse)
+    C = bench_common
+    with C.quiet_output():
+        step = C.build_step(C.StepSpec(config="tiny", batch=2, optimizer="torch_fused"))
+    opt = base_optimizer(step.holder)
+    assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True
+    assert step.step() > 0
+    C.free(step)
+
+
+def test_results_saved_elsewhere_update_the_doc_block(bench_common, tmp_path, capsys):
+    """`run.py --from-json` (results of a lent GPU machine): tables of one title merge, a later
+    file adding only rows with a new key; the doc's block between the markers is replaced."""
+    import run
+
+    C = bench_common
+    cols = ["config", "batch", "variant", "samples/s"]
+    first = C.Table("Q1 step", cols, rows=[{"config": "6layer", "batch": 64, "variant": "bf16", "samples/s": 5000.0}])
+    second = C.Table("Q1 step", cols, rows=[{"config": "6layer", "batch": 64, "variant": "bf16", "samples/s": 1.0},
+                                            {"config": "6layer", "batch": 64, "variant": "compile", "samples/s": 7000.0}],
+                     notes=["compile: one call of its own"])
+    info = {"cpu": "x", "cores": 16, "torch": "2.11", "deepspeed": "0.19.8", "date": "d", "gpu": "1 x NVIDIA H200"}
+    C.save_json(tmp_path / "a.json", [first], info, "python bench/run.py --quick --gpu")
+    C.save_json(tmp_path / "b.json", [second], info, "python bench/model_step.py --gpu")
+    doc = tmp_path / "PERF.md"
+    doc.write_text("head\n<!-- bench:gpu:begin -->\nold\n<!-- bench:gpu:end -->\ntail\n")
+    assert run.main(["--gpu", "--from-json", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                     "--update-doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("head\n<!-- bench:gpu:begin -->\nMachine: x (16 cores") and text.endswith("tail\n")
+    assert "old" not in text and "GPU 1 x NVIDIA H200" in text
+    assert "| 6layer | 64 | bf16 | 5,000 |" in text and "| 6layer | 64 | compile | 7,000 |" in text
+    assert "| 6layer | 64 | bf16 | 1.00 |" not in text and "- compile: one call of its own" in text
+    assert "`python bench/run.py --quick --gpu`; `python bench/model_step.py --gpu`" in text
+    with pytest.raises(SystemExit, match="not a bench result file"):
+        run.main(["--from-json", str(doc)])
+
+
+def test_training_run_figures_are_read_from_the_run_directory(bench_common, tmp_path):
+    """bench/train_runs.py: steady figures are medians over the logged windows after the first."""
+    import json
+
+    import train_runs
+
+    run_dir = tmp_path / "pretrain"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("model: {config: base_6layer_6conect}\ndata: {num_workers: 8}\n")
+    (run_dir / "ds_config.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 128, "bf16": {"enabled": True},
+                                                        "zero_optimization": {"stage": 1}}))
+    rows = [{"step": s, "perf/samples_per_s": sps, "perf/tokens_per_s": 10 * sps, "perf/step_s": 128 / sps,
+             "perf/tflops": sps * 47.04e-3, "perf/mfu": sps * 47.04e-3 / 989, "perf/data_wait_frac": w,
+             "mem/peak_gib_per_rank": 20.0 + s / 100}
+            for s, sps, w in ((50, 100.0, 0.9), (100, 6000.0, 0.01), (150, 6400.0, 0.03), (200, 6200.0, 0.02))]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows)
+                                           + json.dumps({"step": 200, "ckpt/save_s": 4.5}) + "\n")
+    row = train_runs.pretrain_row(run_dir)
+    assert (row["config"], row["precision"], row["ZeRO"], row["micro-batch"], row["workers"]) == (
+        "6layer_6conect", "bf16", 1, 128, 8)
+    assert row["samples/s"] == 6200.0 and row["data wait %"] == pytest.approx(2.0)  # the warm-up row left out
+    assert row["steps"] == 200 and row["peak GiB"] == pytest.approx(22.0) and row["ckpt save s"] == 4.5
+    assert row["MFU"] == pytest.approx(6200 * 47.04e-3 / 989)
+
+
 def test_keep_freed_memory_stops_page_faulting_large_blocks(python):
     """vilbert_ds.hostmem (applied by engine.build_engine on CPU): a freed 64 MiB block is reused
     by the next allocation instead of being unmapped and faulted in again page by page."""

@@ -409,8 +409,11 @@ def build_engine(
 
     from .ops import ensure_ops
 
-    # only the op this config uses: FusedAdam, or CPUAdam when the optimizer is offloaded
-    ensure_ops(("CPUAdamBuilder",) if settings.offload_optimizer != "none" else ("FusedAdamBuilder",))
+    # Only the op this config uses: FusedAdam, or CPUAdam when the optimizer is offloaded; none when
+    # `optimizer.params.torch_adam` makes DeepSpeed build torch.optim.AdamW instead (with `fused: true`
+    # its fused kernel: a machine without a working nvcc builds nothing).
+    if not settings.config["optimizer"]["params"].get("torch_adam", False):
+        ensure_ops(("CPUAdamBuilder",) if settings.offload_optimizer != "none" else ("FusedAdamBuilder",))
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() == "cpu":
