@@ -122,6 +122,12 @@ def test_the_clean_checkpoint_passes_the_same_check(world, tmp_path, capfd):
     assert (tmp_path / "exported" / "model.safetensors").exists()
 
 
+def test_export_under_a_plain_file_is_refused_in_one_line(world, tmp_path, capfd):
+    (tmp_path / "file").write_text("")
+    status, err = cli(["export", world["run"], "--out", tmp_path / "file" / "model"], capfd)
+    assert status == 2 and len(err) == 1 and "is a file, not a directory" in err[0], err
+
+
 def test_a_latest_file_cannot_point_outside_the_checkpoints(world, tmp_path, capfd):
     run = copy_run(world, tmp_path / "downloaded")
     (run / "checkpoints" / "latest").write_text("../../elsewhere")

@@ -530,8 +530,9 @@ def export_fp32(spec: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     directory (`config.json` + fp32 `model.safetensors`) that `vilbert_ds.load_model` reads,
     written atomically (`weights.save_model`). Runs in one process, no distributed setup."""
     from .model import ViLBert, ViLBertConfig
-    from .weights import save_model
+    from .weights import check_output_dir, save_model
 
+    check_output_dir(out_dir)  # before the consolidation, which can take minutes
     tag_dir, meta, model_state = load_consolidated(spec)
     directory, tag = tag_dir.parent, tag_dir.name
     model = ViLBert(ViLBertConfig.from_dict(meta["model_config"], source=str(directory / tag / META)))

@@ -205,9 +205,7 @@ def save_model(model: ViLBert, directory: str | os.PathLike, state: dict[str, to
     """
     import shutil
 
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"{directory} exists and is not a directory")
+    directory = check_output_dir(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(directory.parent, glob.escape(directory.name))
     state = dict(state if state is not None else model.state_dict())
@@ -243,6 +241,22 @@ def _fsync_files(directory: Path, names: tuple[str, ...]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def check_output_dir(directory: str | os.PathLike) -> Path:
+    """`directory` as a Path if a model directory can be written there; else an OSError naming
+    what is in the way (a plain file on the path, a parent without write permission)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a directory")
+    parent = directory.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{directory}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{directory}: {parent} is not writable")
+    return directory
 
 
 def remove_stale_temporaries(parent: Path, name_glob: str) -> list[Path]:
