@@ -407,6 +407,7 @@ def build_engine(
     from the per-machine build cache (`vilbert_ds.ops`)."""
     import deepspeed
 
+    from .distributed import release_shm_allreduce_buffer
     from .ops import ensure_ops
 
     # only the op this config uses: FusedAdam, or CPUAdam when the optimizer is offloaded
@@ -423,7 +424,7 @@ def build_engine(
         config.setdefault("checkpoint", {})["load_universal"] = True
     config.setdefault("steps_per_print", 10**9)  # vilbert-ds logs; DeepSpeed's own prints are noise
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=config)
-    release_shm_allreduce_buffer()  # DeepSpeed's comm backend, and with it the shm op, is up by now
+    release_shm_allreduce_buffer()  # DeepSpeed's comm backend (and with it the shm op) is up by now
     if settings.zero_stage == 0 and engine.dp_world_size == 1:
         # One data-parallel rank has nothing to average, yet DeepSpeed would flatten every
         # gradient into a bucket, all-reduce it with itself and copy it back: two extra passes
@@ -609,37 +610,3 @@ def consolidated_fp32_state(checkpoint_dir: str | os.PathLike, tag: str) -> dict
     if dtypes - {torch.float32}:
         log.warning("%s: module weights are %s; the fp32 export is upcast from them", files[0], sorted(map(str, dtypes)))
     return {k: v.float() for k, v in module.items()}
-
-
-# ======================================================================= shared memory
-SHM_DIR = Path("/dev/shm")
-
-
-def shm_allreduce_buffer(rank: int) -> Path:
-    """The shared-memory segment DeepSpeed's CPU communication op (`ShareMemCommBuilder`,
-    csrc/cpu/comm/shm.cpp) creates for `rank` when every rank of the job is on one machine:
-    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, ~69 MB each."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
-def release_shm_allreduce_buffer() -> bool:
-    """Collective. Unlink this rank's DeepSpeed all-reduce segment from /dev/shm once every rank
-    has mapped every other rank's (DeepSpeed never unlinks them: each run left world_size x 69 MB
-    in /dev/shm, for good). The mappings stay valid until the processes exit, so the memory is
-    returned however the run ends, SIGKILL included. Returns whether a segment was unlinked."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if world > 1:
-        # DeepSpeed's shm_initialize returns only after mapping every peer's segment, and it
-        # ran when DeepSpeed's comm backend started, before this barrier on every rank.
-        dist.barrier()
-    path = shm_allreduce_buffer(rank)
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    return True
