@@ -407,7 +407,6 @@ def build_engine(
     from the per-machine build cache (`vilbert_ds.ops`)."""
     import deepspeed
 
-    from .distributed import release_shm_allreduce_buffer
     from .ops import ensure_ops
 
     # only the op this config uses: FusedAdam, or CPUAdam when the optimizer is offloaded
@@ -424,6 +423,8 @@ def build_engine(
         config.setdefault("checkpoint", {})["load_universal"] = True
     config.setdefault("steps_per_print", 10**9)  # vilbert-ds logs; DeepSpeed's own prints are noise
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=config)
+    from .distributed import release_shm_allreduce_buffer
+
     release_shm_allreduce_buffer()  # DeepSpeed's comm backend (and with it the shm op) is up by now
     if settings.zero_stage == 0 and engine.dp_world_size == 1:
         # One data-parallel rank has nothing to average, yet DeepSpeed would flatten every
@@ -549,7 +550,7 @@ def convert_to_universal(checkpoint_dir: str | os.PathLike, tag: str, output_tag
 
     DeepSpeed reads the source files with weights_only=False: a directory that is not this
     run's own must pass `checkpoint.verify_untrusted` first. The output is written to
-    `.<output_tag>.partial` and renamed when complete; a failed conversion removes its partial
+    `.<output_tag>.partial<pid>` and renamed when complete; a failed conversion removes its partial
     directory, and partial directories left by a killed conversion are removed on the next call.
     """
     import argparse
