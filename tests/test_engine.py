@@ -215,12 +215,17 @@ def test_metrics_sinks_write_jsonl_and_a_widening_csv(tmp_path):
 
 # -------------------------------------------------------------------------- resume plan
 def _fake_checkpoint(directory: Path, step: int, *, stage: int, world: int, precision: str = "fp32") -> None:
-    from vilbert_ds.checkpoint import META, atomic_write_text, tag_for
+    """The files a complete checkpoint has (checkpoint.verify_complete), with empty contents."""
+    from vilbert_ds.checkpoint import META, atomic_write_text, rank_file, tag_for
 
     tag = tag_for(step)
     (directory / tag).mkdir(parents=True)
     (directory / tag / META).write_text(json.dumps({"step": step, "zero_stage": stage, "world_size": world,
-                                                    "precision": precision}))
+                                                    "precision": precision, "model_config": {}}))
+    torch.save({}, directory / tag / "mp_rank_00_model_states.pt")
+    for r in range(world):
+        (directory / tag / rank_file(r)).write_text("{}")
+        torch.save({}, directory / tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
     atomic_write_text(directory / "latest", tag)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .data.config import DataConfig
+from .data.config import DataConfig, redact
 from .metrics import MetricsConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -136,7 +136,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "data"}
         out["data"] = self.data.to_dict(redact_secrets=True)
-        return out
+        return redact(out)  # the form that reaches config copies and wandb: no secret anywhere in it
 
     def to_yaml(self, path: str | os.PathLike) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")

@@ -426,6 +426,9 @@ def build_engine(
         config.setdefault("checkpoint", {})["load_universal"] = True
     config.setdefault("steps_per_print", 10**9)  # vilbert-ds logs; DeepSpeed's own prints are noise
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, config=config)
+    from .distributed import release_shm_allreduce_buffer
+
+    release_shm_allreduce_buffer()  # DeepSpeed's comm backend (and with it the shm op) is up by now
     if settings.zero_stage == 0 and engine.dp_world_size == 1:
         # One data-parallel rank has nothing to average, yet DeepSpeed would flatten every
         # gradient into a bucket, all-reduce it with itself and copy it back: two extra passes
@@ -488,31 +491,104 @@ def replay_cpu_adam_steps(engine) -> int:
 
 
 # ================================================================ checkpoint conversions
+# The only non-tensor objects DeepSpeed (0.16-0.19) pickles into its checkpoint files, found by
+# saving ZeRO 0/1/2/3, fp32 and bf16, 1 and 2 ranks, with and without CPU offload, and by
+# converting them to universal checkpoints: the loss scaler (DynamicLossScaler under fp16), the
+# ZeRO stage enum and the fragment addresses of the ZeRO-1/2 optimizer. Everything else in those
+# files is tensors, numbers, strings and containers, which weights_only loading accepts.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _safe_globals() -> list[Any]:
+    import importlib
+
+    out = []
+    for dotted in DEEPSPEED_SAFE_GLOBALS:
+        module, name = dotted.rsplit(".", 1)
+        out.append(getattr(importlib.import_module(module), name))
+    return out
+
+
+def load_weights_only(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)` with DeepSpeed's few checkpoint classes allowed: a
+    file whose pickle would run code (or construct anything else) is refused, naming the file.
+
+    mmap=True maps the tensor bytes instead of reading them, so checking a large file costs its
+    pickle, not its size (zip-format files only; older formats are read).
+    """
+    import zipfile
+
+    from .weights import CheckpointError
+
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as e:  # noqa: BLE001 - a pickle with code, a truncated file, not a torch file at all
+        raise CheckpointError(f"{path}: not loadable with torch.load(weights_only=True) ({_load_error(e)}); "
+                              "a checkpoint file must not need code to load") from None
+
+
+def _load_error(e: Exception) -> str:
+    """torch's weights_only message in one short clause (it spans several lines of advice)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        text = " ".join(text.split()).split(" Please use ")[0].split(" Check the documentation")[0]
+    else:
+        text = " ".join(text.split())
+    return f"{type(e).__name__}: {text[:200]}"
+
+
 def convert_to_universal(checkpoint_dir: str | os.PathLike, tag: str, output_tag: str | None = None) -> str:
     """Convert `checkpoint_dir/tag` (ZeRO 1/2/3) into a DeepSpeed universal checkpoint
     `checkpoint_dir/<tag>_universal` that loads on any number of ranks. vilbert-ds does not
     record DeepSpeed's UNIVERSAL_CHECKPOINT_INFO (a Megatron convention), hence
-    `inject_missing_state`. Run on one process."""
+    `inject_missing_state`. Run on one process.
+
+    DeepSpeed reads the source files with weights_only=False: a directory that is not this
+    run's own must pass `checkpoint.verify_untrusted` first. The output is written to
+    `.<output_tag>.partial<pid>` and renamed when complete; a failed conversion removes its partial
+    directory, and partial directories left by a killed conversion are removed on the next call.
+    """
     import argparse
+    import shutil
 
     from deepspeed.checkpoint import ds_to_universal
+
+    from .weights import remove_stale_temporaries
 
     output_tag = output_tag or f"{tag}_universal"
     src = Path(checkpoint_dir) / tag
     dst = Path(checkpoint_dir) / output_tag
-    tmp = Path(checkpoint_dir) / f".{output_tag}.partial"
+    for stale in remove_stale_temporaries(Path(checkpoint_dir), "*_universal"):
+        log.info("removed %s, left by an interrupted universal conversion", stale)
     if dst.exists():
         return output_tag
+    tmp = Path(checkpoint_dir) / f".{output_tag}.partial{os.getpid()}"
     args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    ds_to_universal.main(args)
-    os.replace(tmp, dst)
+    try:
+        ds_to_universal.main(args)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return output_tag
 
 
 def consolidated_fp32_state(checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
     """The full fp32 module state of a checkpoint, from the ZeRO partitions (fp32 master
-    weights) when there are any, else from the module file."""
+    weights) when there are any, else from the module file.
+
+    DeepSpeed's consolidation reads every `*_model_states.pt` / `*_optim_states.pt` with
+    weights_only=False: a directory that is not this run's own must pass
+    `checkpoint.verify_untrusted` first (`checkpoint.load_consolidated` does both).
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     path = Path(checkpoint_dir) / tag
@@ -520,8 +596,7 @@ def consolidated_fp32_state(checkpoint_dir: str | os.PathLike, tag: str) -> dict
     files = sorted(path.glob("mp_rank_*_model_states.pt")) or sorted(path.glob("zero_pp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{path}: no *model_states.pt (not a DeepSpeed checkpoint)")
-    # DeepSpeed's files can also hold objects; read them with weights_only=True (no code runs).
-    module = {k: v for k, v in _load_ds_file(files[0])["module"].items() if torch.is_tensor(v)}
+    module = {k: v for k, v in load_weights_only(files[0])["module"].items() if torch.is_tensor(v)}
     if any(path.glob("*optim_states.pt")) and not (path / "zero").is_dir():
         try:
             state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
@@ -539,10 +614,3 @@ def consolidated_fp32_state(checkpoint_dir: str | os.PathLike, tag: str) -> dict
     if dtypes - {torch.float32}:
         log.warning("%s: module weights are %s; the fp32 export is upcast from them", files[0], sorted(map(str, dtypes)))
     return {k: v.float() for k, v in module.items()}
-
-
-def _load_ds_file(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report which file could not be read safely
-        raise RuntimeError(f"{path}: cannot be read with weights_only=True ({e})") from e

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError, atomic_write_text, verify_source
 from .distributed import DistEnv, init_distributed, shutdown_distributed
 from .model import ViLBert, ViLBertConfig
 from .data.tokenizer import load_tokenizer
@@ -38,16 +39,10 @@ def load_eval_model(spec: str | Path) -> ViLBert:
     p = Path(spec)
     if (p / "config.json").exists() and (p / "model.safetensors").exists():
         return load_model(p)
-    from .checkpoint import META, CheckpointError, find_checkpoint, read_meta
-    from .engine import consolidated_fp32_state
+    from .checkpoint import META, load_consolidated
 
-    directory, tag = find_checkpoint(p)
-    meta = read_meta(directory / tag)
-    prefix = meta.get("module_prefix", "model.")
-    state = {k[len(prefix):]: v for k, v in consolidated_fp32_state(directory, tag).items() if k.startswith(prefix)}
-    if not state:
-        raise CheckpointError(f"{directory / tag}: no parameters under {prefix!r}")
-    model = ViLBert(ViLBertConfig.from_dict(meta["model_config"], source=str(directory / tag / META)))
+    tag_dir, meta, state = load_consolidated(p)  # every file checked with weights_only first
+    model = ViLBert(ViLBertConfig.from_dict(meta["model_config"], source=str(tag_dir / META)))
     state.setdefault("cls.predictions.decoder.weight", state["bert.embeddings.word_embeddings.weight"])
     model.load_state_dict(state, strict=True)
     return model
@@ -91,7 +86,7 @@ def _evaluate(args: argparse.Namespace, env: DistEnv) -> dict[str, float]:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         family.write_predictions(metric, out / f"{cfg.name}_{split}_predictions.json")
-        (out / f"{cfg.name}_{split}_metrics.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        atomic_write_text(out / f"{cfg.name}_{split}_metrics.json", json.dumps(result, indent=1) + "\n")
         print(f"{cfg.name} {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" -> {out}", flush=True)
     return result
 
@@ -116,6 +111,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        verify_source(args.ckpt)  # before any process group: nothing in it may run code
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"vilbert-ds eval: refused: {e}", file=sys.stderr, flush=True)
+        return 2
     run_eval(args)
     return 0
 

@@ -283,16 +283,27 @@ class TensorBoardSink:
 
 class WandbSink:
     """wandb in `mode` (offline by default: runs are written under the run directory and can be
-    synced later with `wandb sync`)."""
+    synced later with `wandb sync`). Nothing secret reaches it: the config is redacted, and so is
+    the command line wandb records with the run."""
 
     def __init__(self, directory: Path, mode: str, project: str, name: str, config: Mapping[str, Any], resume_id: str | None):
         import wandb
 
+        from .data.config import redact, redact_argv
+
         os.environ.setdefault("WANDB_SILENT", "true")
-        self._run = wandb.init(
-            mode=mode, dir=str(directory), project=project, name=name, config=dict(config),
-            id=resume_id, resume="allow" if resume_id else None,
-        )
+        # wandb stores the process's command line (sys.argv, read while init() hands its settings
+        # over) in the run files that `wandb sync` uploads; an override such as
+        # data.storage_options.secret=... must not be in it, so the redacted one stands in.
+        argv = sys.argv
+        sys.argv = [argv[0], *redact_argv(argv[1:])]
+        try:
+            self._run = wandb.init(
+                mode=mode, dir=str(directory), project=project, name=name, config=redact(dict(config)),
+                id=resume_id, resume="allow" if resume_id else None,
+            )
+        finally:
+            sys.argv = argv
         self.run_id = self._run.id
 
     def log(self, step: int, values: Mapping[str, float]) -> None:

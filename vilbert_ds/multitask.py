@@ -37,13 +37,15 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from .checkpoint import CheckpointError, CheckpointManager, capture_rng, plan_resume, restore_rng
+from .checkpoint import (CheckpointError, CheckpointManager, atomic_write_text, capture_rng, plan_resume, restore_rng,
+                         verify_source)
 from .config import ConfigError, ModelSection, OptimSection, TrainSection, _build_section, apply_overrides, resolve_config_path, split_overrides
 from .distributed import DistEnv, init_distributed, shutdown_distributed
 from .engine import (DeepSpeedConfigError, WarmupLinearSchedule, build_engine, enable_activation_checkpointing, engine_float_dtype,
                      load_ds_config, param_groups, validate_ds_config, warmup_steps_for)
 from .metrics import MetricsConfig, MetricsLogger
 from .model import ViLBert, resolve_config
+from .data.config import redact
 from .data.tokenizer import load_tokenizer
 from .tasks.base import TaskBatch, TaskFamily
 from .tasks.loader import EvalLoader, TaskDataConfig, build_task_loader, evaluate_task
@@ -132,7 +134,7 @@ class MultiTaskConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
         out["data"]["storage_options"] = {k: "***" for k in self.data.storage_options}
-        return out
+        return redact(out)  # URLs with credentials or signatures too
 
 
 def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> None:
@@ -152,6 +154,22 @@ def task_micro_batch(global_batch: int, world_size: int, task: str) -> int:
 
 
 # ============================================================================== model
+def task_model_config(section: ModelSection) -> dict[str, Any]:
+    """The config `build_task_model` builds (as a dict), read without building anything: a resume
+    compares it with the checkpoint's before any process group starts."""
+    from .checkpoint import source_model_config
+    from .pretrain import _text_init_path
+    from .weights import config_from_hf_bert
+
+    overrides = {"with_task_heads": True, "task_specific_tokens": True, **section.overrides}
+    if section.init_from:
+        return resolve_config(source_model_config(section.init_from), **overrides).to_dict()
+    if section.init_text_from:
+        return config_from_hf_bert(_text_init_path(section.init_text_from), base=resolve_config(section.config),
+                                   **overrides).to_dict()
+    return resolve_config(section.config, **overrides).to_dict()
+
+
 def build_task_model(section: ModelSection) -> ViLBert:
     """ViLBERT with task heads and task tokens. `init_from` (a vilbert-ds model directory, e.g. a
     converted pretrained or 12-in-1 checkpoint) sets every weight it has; heads and task tokens it
@@ -432,7 +450,7 @@ class MultiTaskTrainer:
             if self.env.is_main:
                 split = self.eval_loaders[task].split
                 self.families[task].write_predictions(metric, out_dir / f"{task}_{split}_predictions.json")
-                (out_dir / f"{task}_{split}_metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+                atomic_write_text(out_dir / f"{task}_{split}_metrics.json", json.dumps(result, indent=1) + "\n")
         if results:
             self.logger.log(self.state.iteration, {f"final/{t}/{k}": v for t, r in results.items() for k, v in r.items()})
         return results
@@ -517,7 +535,7 @@ def run(cfg: MultiTaskConfig, settings, env: DistEnv, *, cli_tasks: str | None =
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-        (run_dir / "ds_config.json").write_text(json.dumps(settings.config, indent=2) + "\n", encoding="utf-8")
+        (run_dir / "ds_config.json").write_text(json.dumps(redact(settings.config), indent=2) + "\n", encoding="utf-8")
         logger = MetricsLogger.for_run(run_dir, cfg.metrics, run_name=run_dir.name, config=cfg.to_dict())
     else:
         logger = MetricsLogger.null()
@@ -568,6 +586,8 @@ def prepare(args: argparse.Namespace, env: DistEnv, *, command: str, defaults: l
     `defaults` rank below the YAML file, `extra` above it (with the command-line overrides)."""
     train_overrides, ds_overrides = split_overrides(list(extra) + list(args.overrides))
     cfg = MultiTaskConfig.load(args.config, train_overrides, defaults=list(defaults))
+    if cfg.model.init_from:
+        verify_source(cfg.model.init_from)  # nothing in it may run code, and refused before any rank waits
     settings = validate_ds_config(load_ds_config(args.deepspeed, ds_overrides), source=args.deepspeed,
                                   world_size=env.world_size)
     accumulation = settings.config.get("gradient_accumulation_steps", 1)
@@ -584,7 +604,8 @@ def prepare(args: argparse.Namespace, env: DistEnv, *, command: str, defaults: l
                 raise FileNotFoundError(f"task {t.name}: {url} is missing; build it with "
                                         f"`vilbert-ds shards task --task {t.name}`")
     plan_resume(args.resume, Path(cfg.train.output_dir) / "checkpoints", world_size=env.world_size,
-                zero_stage=settings.zero_stage, precision=settings.precision)
+                zero_stage=settings.zero_stage, precision=settings.precision,
+                model_config=task_model_config(cfg.model) if args.resume != "none" else None)
     return cfg, settings
 
 

@@ -21,12 +21,13 @@ from torch import nn
 from .checkpoint import CheckpointError, CheckpointManager, plan_resume
 from .config import ConfigError, ModelSection, TrainConfig, split_overrides
 from .data.batch import PretrainBatch
+from .data.config import redact
 from .distributed import DistEnv, init_distributed, shutdown_distributed
 from .engine import (DeepSpeedConfigError, build_engine, enable_activation_checkpointing, engine_float_dtype, load_ds_config,
                      param_groups, read_batch_sizes, text_stream_scale, validate_ds_config, warmup_steps_for,
                      WarmupLinearSchedule)
 from .metrics import MetricsLogger, peak_tflops, vilbert_flops
-from .model import ViLBert, resolve_config
+from .model import ViLBert, ViLBertConfig, resolve_config
 from .trainer import EXIT_PREEMPTED, Ratio, Trainer, TrainerOptions
 
 log = logging.getLogger("vilbert_ds.pretrain")
@@ -62,17 +63,31 @@ class PretrainObjective(nn.Module):
         return out.loss, metrics
 
 
+def model_config(section: ModelSection) -> ViLBertConfig:
+    """The config `build_model` builds, read without building anything (a resume compares it with
+    the checkpoint's before any process group starts)."""
+    from .weights import config_from_hf_bert
+
+    overrides = {"with_task_heads": section.task_heads, **section.overrides}
+    if section.init_from:
+        return resolve_config(section.init_from, **overrides)
+    if section.init_text_from:
+        return config_from_hf_bert(_text_init_path(section.init_text_from), base=resolve_config(section.config),
+                                   **overrides)
+    return resolve_config(section.config, **overrides)
+
+
 def build_model(section: ModelSection) -> ViLBert:
     """The ViLBERT to pretrain, initialised as configured (text stream from a local BERT like the
     original's bert-base-uncased, or every weight from a vilbert-ds model directory)."""
-    from .weights import config_from_hf_bert, load_hf_bert, load_model
+    from .weights import load_hf_bert, load_model
 
     overrides = {"with_task_heads": section.task_heads, **section.overrides}
     if section.init_from:
         return load_model(section.init_from, **overrides)
     if section.init_text_from:
         path = _text_init_path(section.init_text_from)
-        model = ViLBert(config_from_hf_bert(path, base=resolve_config(section.config), **overrides))
+        model = ViLBert(model_config(section))
         report = load_hf_bert(model, path)
         log.info("text stream initialised from %s (%d tensors kept their init)", path, len(report.missing))
         return model
@@ -184,7 +199,7 @@ def run(cfg: TrainConfig, settings, env: DistEnv, resume: str = "none",
 def _write_run_files(run_dir: Path, cfg: TrainConfig, settings, model: ViLBert) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(run_dir / "config.yaml")
-    (run_dir / "ds_config.json").write_text(json.dumps(settings.config, indent=2) + "\n", encoding="utf-8")
+    (run_dir / "ds_config.json").write_text(json.dumps(redact(settings.config), indent=2) + "\n", encoding="utf-8")
     model.config.to_json(run_dir / "model_config.json")
 
 
@@ -216,7 +231,8 @@ def main(args: argparse.Namespace, loader_factory: LoaderFactory | None = None) 
         settings = validate_ds_config(load_ds_config(args.deepspeed, ds_overrides), source=args.deepspeed,
                                       world_size=env.world_size)
         plan_resume(args.resume, Path(cfg.train.output_dir) / "checkpoints", world_size=env.world_size,
-                    zero_stage=settings.zero_stage, precision=settings.precision)
+                    zero_stage=settings.zero_stage, precision=settings.precision,
+                    model_config=model_config(cfg.model).to_dict() if args.resume != "none" else None)
     except (ConfigError, DeepSpeedConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"vilbert-ds pretrain [rank {env.rank}]: refused: {e}", file=sys.stderr, flush=True)
         return EXIT_REFUSED

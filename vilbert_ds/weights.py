@@ -7,6 +7,7 @@ once (as `bert.embeddings.word_embeddings.weight`). Untrusted `.bin` files are r
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -193,17 +194,96 @@ def to_original(model: ViLBert) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------- vilbert-ds directories
 def save_model(model: ViLBert, directory: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `config.json` + `model.safetensors` (fp32 unless the tensors say otherwise)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write `config.json` + `model.safetensors` (fp32 unless the tensors say otherwise).
+
+    Atomic: both files are written into a temporary sibling directory, which then takes the
+    place of `directory`, so a reader (or a crash, or a full disk) never meets weights beside
+    another model's config. A `directory` that holds other files too keeps them: its two model
+    files are replaced (config.json removed first, so an interruption leaves a directory that
+    `load_model` refuses rather than a mismatched pair). Temporary directories of killed saves
+    are removed by the next save beside them.
+    """
+    import shutil
+
+    directory = check_output_dir(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory.parent, glob.escape(directory.name))
     state = dict(state if state is not None else model.state_dict())
     state.pop(TIED_DECODER, None)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    model.config.to_json(directory / CONFIG_NAME)
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "producer": "vilbert-ds"})
-    os.replace(tmp, directory / WEIGHTS_NAME)
+    tmp = directory.with_name(f".{directory.name}.partial{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        model.config.to_json(tmp / CONFIG_NAME)
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "vilbert-ds"})
+        _fsync_files(tmp, (CONFIG_NAME, WEIGHTS_NAME))
+        if not directory.exists():
+            os.rename(tmp, directory)
+        elif {p.name for p in directory.iterdir()} <= {CONFIG_NAME, WEIGHTS_NAME}:
+            old = directory.with_name(f".{directory.name}.old{os.getpid()}")
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # other files live here: replace ours only, config last
+            (directory / CONFIG_NAME).unlink(missing_ok=True)
+            os.replace(tmp / WEIGHTS_NAME, directory / WEIGHTS_NAME)
+            os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after the rename
     return directory
+
+
+def _fsync_files(directory: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        fd = os.open(directory / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_output_dir(directory: str | os.PathLike) -> Path:
+    """`directory` as a Path if a model directory can be written there; else an OSError naming
+    what is in the way (a plain file on the path, a parent without write permission)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a directory")
+    parent = directory.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{directory}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{directory}: {parent} is not writable")
+    return directory
+
+
+def remove_stale_temporaries(parent: Path, name_glob: str) -> list[Path]:
+    """Remove the directories `parent/.<name>.partialPID` and `.<name>.oldPID` (name matching
+    `name_glob`) that a killed save or conversion left behind: those whose process is gone.
+    Returns what was removed."""
+    import shutil
+
+    removed = []
+    for tmp in parent.glob(f".{name_glob}.*"):
+        m = re.fullmatch(r"\.(.+)\.(?:partial|old)(\d*)", tmp.name)
+        if m and tmp.is_dir() and not (m.group(2) and _alive(int(m.group(2)))):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of an earlier process that had this pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", **config_overrides) -> ViLBert:
@@ -232,13 +312,18 @@ HF_TEXT_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "inte
                        "max_position_embeddings", "type_vocab_size")
 
 
+def read_hf_config(path: str | os.PathLike) -> dict:
+    """The config.json of a local HF BERT directory."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json; pass a local Hugging Face BERT directory (no hub downloads)")
+    return json.loads(cfg_file.read_text())
+
+
 def read_hf_bert(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config dict, state dict) of a local HF BERT directory (safetensors or .bin weights)."""
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{path}: no config.json; pass a local Hugging Face BERT directory (no hub downloads)")
-    hf_cfg = json.loads(cfg_file.read_text())
+    hf_cfg = read_hf_config(path)
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).exists():
             return hf_cfg, read_state_dict(path / name)
@@ -250,7 +335,7 @@ def config_from_hf_bert(path: str | os.PathLike, base: ViLBertConfig | str = "ba
     """A ViLBERT config whose text stream has the shape of the HF BERT at `path`; vision and
     co-attention sizes come from `base`. Co-attention text ids are shifted to end at the last
     text layer when the HF model is shallower than the base."""
-    hf_cfg, _ = read_hf_bert(path)
+    hf_cfg = read_hf_config(path)  # the config only: no weights are read
     base = resolve_config(base)
     n = hf_cfg["num_hidden_layers"]
     t_ids = base.t_biattention_id

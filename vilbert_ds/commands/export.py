@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         directory, tag = find_checkpoint(args.checkpoint)
         out = export_fp32(directory / tag, args.out)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, OSError) as e:  # OSError: --out not writable, under a plain file, ...
         print(f"vilbert-ds export: {e}", file=sys.stderr)
         return 2
     model = load_model(out)  # the export must load as users will load it

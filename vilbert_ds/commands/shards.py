@@ -110,13 +110,14 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ..data.config import CredentialsInURLError
     from ..data.formats import InputError
     from ..data.manifest import ManifestError
     from ..data.sample import SampleError
 
     try:
         return _run(args)
-    except (InputError, ManifestError, SampleError) as e:
+    except (InputError, ManifestError, SampleError, CredentialsInURLError) as e:
         print(f"vilbert-ds shards {args.action}: error: {e}", file=sys.stderr)
         return 2
 

@@ -4,11 +4,15 @@ Every key is YAML-friendly (strings, numbers, lists, dicts). Byte sizes accept i
 strings with a unit: "256MB" (10^6 bytes), "256MiB" (2^20 bytes), "1.5GB", "4096".
 Credentials may be given in `storage_options` (s3fs `key`/`secret`/`token`, ...) but are never
 logged: `DataConfig.to_dict(redact=True)` (the form that reaches logs, checkpoints and wandb)
-replaces them with "***".
+replaces them with "***"; `redact` also removes `user:password@` and presigned-URL signatures
+(`X-Amz-Signature`, `sig`, ...) from URLs, and `redact_argv` does the same for a command line.
+Credentials inside an object-store URL (`s3://KEY:SECRET@bucket/...`) are refused
+(`check_url`): botocore would take them for the bucket name and print them in its errors.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +24,28 @@ _UNITS = {
     "k": 2**10, "m": 2**20, "g": 2**30,
 }
 
-# Keys whose values are secrets wherever they appear (storage options, build arguments, URLs).
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|session|access_key|key_id|(^|_)key$|auth)", re.I)
+# Names whose values are secrets wherever they appear: storage options and build arguments
+# (key, secret, token, session_token, password, api_key, ...) and the query parameters of
+# presigned URLs (X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token, Signature,
+# AWSAccessKeyId, X-Goog-Signature, Azure SAS `sig`). Matched by word, so that `tokenizer` or
+# `task_specific_tokens` are not taken for secrets.
+_SECRET_WORDS = {"secret", "password", "passwd", "pwd", "token", "credential", "credentials", "signature", "sig",
+                 "auth", "authorization", "apikey", "policy"}
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+
+
+def is_secret_key(name: str) -> bool:
+    """`secret`, `aws_session_token`, `X-Amz-Signature`, `api_key`, `AWSAccessKeyId`: True;
+    `tokenizer`, `endpoint_url`, `keep_last`: False."""
+    words = [w.lower() for w in _WORD.findall(name)]
+    return bool(words) and (any(w in _SECRET_WORDS for w in words) or words[-1] == "key"
+                            or (len(words) > 1 and words[-2:] == ["key", "id"]))
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_QUERY_PARAM = re.compile(r"(?<=[?&;])([^=&#\s]+)=([^&#\s\"']*)")
+# Object stores whose bucket names cannot hold "@": user info in these URLs is a credential.
+OBJECT_STORE_SCHEMES = ("s3", "s3a", "s3n", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss")
 
 
 def parse_bytes(value: int | float | str, *, name: str = "size") -> int:
@@ -39,16 +63,61 @@ def parse_bytes(value: int | float | str, *, name: str = "size") -> int:
 
 
 def redact(obj: Any) -> Any:
-    """A copy of `obj` (dicts/lists/strings) with secret values replaced by "***" and
-    user:password@ removed from URLs."""
+    """A copy of `obj` (dicts/lists/strings) with secret values replaced by "***", user:password@
+    removed from URLs and the signing parameters of presigned URLs blanked."""
     if isinstance(obj, dict):
-        return {k: ("***" if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "")
-                    else redact(v)) for k, v in obj.items()}
+        return {k: ("***" if isinstance(k, str) and is_secret_key(k) and v not in (None, "")
+                    and not isinstance(v, bool) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v) for v in obj)
     if isinstance(obj, str):
-        return re.sub(r"(?<=://)[^/@\s]+@", "***@", obj)
+        text = _USERINFO.sub("***@", obj)
+        if "=" in text and ("?" in text or "&" in text):
+            text = _QUERY_PARAM.sub(lambda m: f"{m.group(1)}=***" if is_secret_key(m.group(1)) else m.group(0),
+                                    text)
+        return text
     return obj
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line as it may be recorded (wandb keeps the command of a run): the value of any
+    `dotted.key=value` whose last key names a secret (`data.storage_options.secret=...`) becomes
+    "***", mappings given inline (`data.storage_options={key: ..., secret: ...}`) are redacted
+    key by key, and every URL is redacted as by `redact`."""
+    import yaml
+
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and is_secret_key(key.rsplit(".", 1)[-1]) and value:
+            out.append(f"{key}=***")
+            continue
+        text = value if eq else arg
+        if text.lstrip().startswith(("{", "[")):
+            try:
+                parsed = yaml.safe_load(text)
+            except yaml.YAMLError:
+                parsed = None
+            if isinstance(parsed, (dict, list)):
+                text = json.dumps(redact(parsed))
+        out.append(redact(f"{key}={text}" if eq else text))
+    return out
+
+
+def check_url(url: str) -> None:
+    """Refuse credentials inside an object-store URL (`s3://KEY:SECRET@bucket/...`), naming the URL
+    redacted. botocore would take `KEY:SECRET@bucket` for the bucket name and print it in every
+    error; keys belong in storage options or the provider's environment variables."""
+    scheme, sep, rest = str(url).partition("://")
+    if sep and scheme.lower() in OBJECT_STORE_SCHEMES and "@" in rest.split("/", 1)[0]:
+        raise CredentialsInURLError(
+            f"{redact(url)}: credentials in a {scheme}:// URL are refused (they would be read as part of the bucket "
+            "name and printed in its errors); pass them as storage options (s3fs: key, secret, token) or in the "
+            "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+
+
+class CredentialsInURLError(ValueError):
+    """An object-store URL with user:password@ in it."""
 
 
 @dataclass
@@ -63,6 +132,7 @@ class SourceConfig:
     def __post_init__(self):
         if not isinstance(self.url, str) or not self.url.strip():
             raise ValueError(f"data source url: expected a non-empty string, got {self.url!r}")
+        check_url(self.url)
         if not (self.weight > 0):
             raise ValueError(f"data source {self.url!r}: weight must be > 0, got {self.weight!r}")
         self.weight = float(self.weight)
@@ -127,6 +197,9 @@ class DataConfig:
         self.val = _sources(self.val, "val")
         if not self.train:
             raise ValueError("data.train: a manifest URL or shard URL pattern is required")
+        for url in (self.train, self.val, self.caption_pool, self.vocab):
+            if isinstance(url, str):
+                check_url(url)  # before anything is read: refused with the URL redacted
         if not isinstance(self.storage_options, dict):
             raise ValueError(f"data.storage_options: expected a mapping, got {type(self.storage_options).__name__}")
         if self.num_workers < 0:

@@ -24,7 +24,7 @@ import fsspec
 import numpy as np
 from fsspec.core import url_to_fs as _url_to_fs
 
-from .config import redact
+from .config import check_url, redact
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,12 @@ class ShardReadError(OSError):
     """A shard (or a byte range of it) that stayed unreadable after retries."""
 
     def __init__(self, url: str, message: str):
-        super().__init__(f"{safe_url(url)}: {message}")
+        super().__init__(f"{safe_url(url)}: {redact(message)}")  # error texts can quote signed URLs
         self.url = safe_url(url)
 
 
 def safe_url(url: str) -> str:
-    """The URL as it may appear in logs (user:password@ removed)."""
+    """The URL as it may appear in logs (user:password@ and presigned signatures removed)."""
     return redact(str(url))
 
 
@@ -85,7 +85,9 @@ def basename(url: str) -> str:
 
 def get_fs(url: str, storage_options: dict | None = None):
     """(filesystem, path) for a URL; fsspec caches filesystem instances per process and
-    re-creates them after fork (DataLoader workers)."""
+    re-creates them after fork (DataLoader workers). Credentials inside an object-store URL are
+    refused here, before any request (`config.check_url`)."""
+    check_url(url)
     return _url_to_fs(url, **(storage_options or {}))
 
 
@@ -118,14 +120,33 @@ def with_retries(fn: Callable, what: str, *, retries: int = 6, backoff_s: float 
             return fn()
         except Exception as e:  # noqa: BLE001 - object stores raise many transient error types
             if is_permanent(e):
-                raise
+                clean = redacted_error(e)
+                if clean is e:
+                    raise
+                raise clean from None  # the original (and its traceback) would quote the signed URL
             if attempt == retries:
                 raise ShardReadError(what, f"failed after {retries + 1} attempts: {type(e).__name__}: {e}") from e
-            log.warning("%s: %s: %s; retry %d/%d in %.2fs", safe_url(what), type(e).__name__, e, attempt + 1, retries, delay)
+            log.warning("%s: %s: %s; retry %d/%d in %.2fs", safe_url(what), type(e).__name__, redact(str(e)), attempt + 1,
+                        retries, delay)
             if on_retry is not None:
                 on_retry()
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
+
+
+def redacted_error(e: BaseException) -> BaseException:
+    """`e`, or an error of the same type whose message has its URLs redacted: errors of fsspec's
+    HTTP and object-store layers quote the full URL, presigned signature included."""
+    text = str(e)
+    clean = redact(text)
+    if clean == text:
+        return e
+    try:
+        if isinstance(e, OSError) and e.errno is not None:
+            return type(e)(e.errno, redact(str(e.strerror)), *( [redact(str(e.filename))] if e.filename else []))
+        return type(e)(clean)
+    except Exception:  # noqa: BLE001 - an error type with another constructor: say what it was
+        return OSError(f"{type(e).__name__}: {clean}")
 
 
 def read_bytes(url: str, storage_options: dict | None = None, *, retries: int = 6, backoff_s: float = 0.25) -> bytes:
@@ -360,7 +381,7 @@ class RangeReader:
                 with self._lock:
                     self.stats.retries += 1
                 log.warning("%s: bytes %d-%d: %s: %s; retry %d/%d in %.2fs", safe_url(self.url), pos, end,
-                            type(e).__name__, e, failures, self.retries, delay)
+                            type(e).__name__, redact(str(e)), failures, self.retries, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
         with self._lock:
@@ -395,4 +416,5 @@ class RangeReader:
 
 def open_url(url: str, mode: str = "rb", storage_options: dict | None = None, **kwargs):
     """fsspec.open for whole-file streaming (verify, index)."""
+    check_url(url)
     return fsspec.open(url, mode, **(storage_options or {}), **kwargs)

@@ -102,7 +102,46 @@ def init_distributed(
         # torch.distributed is up, so DeepSpeed only wraps it (no MPI discovery, no second init);
         # when DeepSpeed is imported later, deepspeed.initialize() wraps it the same way.
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+        release_shm_allreduce_buffer()
     log.info("torch.distributed up: %s, backend %s, collective timeout %gs", env.describe(), backend, timeout_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed's shared-memory all-reduce segments
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_allreduce_buffer(rank: int) -> str:
+    """The shared-memory segment DeepSpeed's CPU communication op (`ShareMemCommBuilder`,
+    csrc/cpu/comm/shm.cpp) creates for `rank` when every rank of the job is on one machine:
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, ~69 MB each."""
+    # The C++ op builds the name from these variables as it finds them (DistEnv.export set them).
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def release_shm_allreduce_buffer() -> bool:
+    """Collective. Unlink this rank's DeepSpeed all-reduce segment from /dev/shm once every rank
+    has mapped every other rank's (DeepSpeed never unlinks them: each run left world_size x 69 MB
+    in /dev/shm, for good). The mappings stay valid until the processes exit, so the memory is
+    returned however the run ends, SIGKILL included. Returns whether a segment was unlinked.
+    Called wherever DeepSpeed's comm backend starts: after `deepspeed.init_distributed` here,
+    and by `engine.build_engine` (deepspeed.initialize starts it when this module did not)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world > 1:
+        # DeepSpeed's shm_initialize returns only after mapping every peer's segment, and it
+        # ran when DeepSpeed's comm backend started, before this barrier on every rank.
+        dist.barrier()
+    try:
+        os.unlink(shm_allreduce_buffer(rank))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _watchdog_settings(watchdog_s: float | None, heartbeat_s: float | None, timeout_s: float) -> tuple[float, float | None]:
