@@ -333,13 +333,20 @@ def test_clean_train_sets_reads_the_shipped_test_ids(built, tmp_path):
 
 
 # ------------------------------------------------------------------------------ NLVR2, SNLI-VE
+NLVR2_SHORT = "dev-77-0-1"  # its left image has 2 boxes (max_region_num 5 holds 4 + the global region)
+
+
 def test_nlvr2_pairs(built, arrays):
     """Two consecutive rows per example, left then right image (the original's "nlvr" view of its
     concatenated region array), sentence repeated; loss and score of the pair head."""
     order = EXPECTED["nlvr2"]["dev"]["order"]
     batch = batch_of(built, "nlvr2", "dev", order)
     assert batch.row_offsets.tolist() == list(range(0, 2 * len(order) + 1, 2))
-    check_rows(built, arrays, "nlvr2", "dev", batch)  # expected rows are ordered (example, image)
+    for r, want in enumerate(expected("nlvr2", "dev")):  # ordered (example, image): model row r
+        if want["id"].split("#")[0] != NLVR2_SHORT:
+            check_row(f"nlvr2 {want['id']}", want, arrays, f"nlvr2/dev/{want['id']}", batch.input_ids[r],
+                      batch.token_type_ids[r], batch.attention_mask[r], batch.image_feat[r], batch.image_loc[r],
+                      batch.image_mask[r])
     logits = torch.from_numpy(arrays["nlvr2/dev/logits/vil_binary_prediction"])
     loss, metrics = built.families["nlvr2"].loss(SimpleNamespace(vil_binary_prediction=logits), batch)
     original = EXPECTED["nlvr2"]["dev"]["score"]
@@ -348,6 +355,27 @@ def test_nlvr2_pairs(built, arrays):
     for i, identifier in enumerate(order):
         target = arrays[f"nlvr2/dev/{identifier}#0/target"]
         assert batch.label[i].item() == int(target.argmax())
+
+
+def test_nlvr2_short_left_image(built, arrays):
+    """Deliberate difference: the original concatenates both images' regions into one array of
+    2 x max_region_num rows and splits it in the middle, so a left image with fewer than
+    max_region_num - 1 boxes pulls the right image's first regions into the left row (and the right
+    row loses its global region). With the released 100-box features this never happens;
+    vilbert-ds keeps each image in its own row."""
+    order = EXPECTED["nlvr2"]["dev"]["order"]
+    batch = batch_of(built, "nlvr2", "dev", order)
+    i = order.index(NLVR2_SHORT)
+    left, right = 2 * i, 2 * i + 1
+    n_left, n_right = int(batch.image_mask[left].sum()), int(batch.image_mask[right].sum())
+    assert (n_left, n_right) == (3, 5)
+    want = {w["id"]: w for w in expected("nlvr2", "dev")}
+    orig_left = arrays[f"nlvr2/dev/{NLVR2_SHORT}#0/feat_proj"]
+    assert want[f"{NLVR2_SHORT}#0"]["regions"] == 5 and want[f"{NLVR2_SHORT}#1"]["regions"] == 3
+    ours_left = batch.image_feat[left, :n_left].double().numpy() @ P
+    ours_right = batch.image_feat[right, :n_right].double().numpy() @ P
+    np.testing.assert_allclose(orig_left[:3], ours_left, atol=GLOBAL_ROW_TOL)  # the left image's own rows
+    np.testing.assert_allclose(orig_left[3:], ours_right[:2], atol=GLOBAL_ROW_TOL)  # + the right image's first two
 
 
 def snli_batch(built):
