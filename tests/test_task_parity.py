@@ -137,6 +137,15 @@ def _write_file(path: Path, spec: dict) -> None:
         path.write_bytes(pickle.dumps(content, protocol=2))
 
 
+def _write_hard_negatives(path: Path, pool: dict[str, list[str]]) -> None:
+    """`hard_negative.pkl` as the original reads it: `train_image_list` (image ids) and
+    `train_hard_pool` [images, K] of indices into that list, column 0 the image itself."""
+    images = sorted(pool, key=int)
+    index = {img: k for k, img in enumerate(images)}
+    table = np.asarray([[index[img]] + [index[j] for j in pool[img]] for img in images])
+    path.write_bytes(pickle.dumps({"train_image_list": [int(i) for i in images], "train_hard_pool": table}, protocol=2))
+
+
 def _read_split(url_dir: str) -> list[dict]:
     samples = []
     for tar in sorted(Path(url_dir).glob("*.tar")):
@@ -164,6 +173,8 @@ def built(tmp_path_factory):
     for task, (features, extra) in SETUP.items():
         for rel, spec in INPUTS["tasks"][task]["files"].items():
             _write_file(root / "annotations" / task / rel, spec)
+        if task in RETRIEVAL:  # the original's hard_negative.pkl beside them (its datasets.tar.gz layout)
+            _write_hard_negatives(root / "annotations" / task / "hard_negative.pkl", INPUTS["tasks"][task]["hard_pool"])
         overrides[task] = {"annotations": str(root / "annotations" / task), "shards": str(root / "tasks" / task),
                            "features": {src: str(root / "features" / fs) for src, fs in features.items()}, **extra}
         label2ans = INPUTS["tasks"][task].get("label2ans")
@@ -178,17 +189,21 @@ def built(tmp_path_factory):
         (root / "tasks" / task / "assets.json").write_text(json.dumps(assets))
     registry = load_registry(None, data_root=str(root), overrides=overrides)
     tokenizer = load_tokenizer()
-    families, examples = {}, {}
+    families, examples, samples = {}, {}, {}
     rng = np.random.default_rng(0)
     for task in SETUP:
         splits = INPUTS["tasks"][task]["splits"]
         build_task(registry, task, TaskBuildConfig(splits=list(splits.values()), clean_train_sets=False))
         family = families[task] = build_family(registry[task], tokenizer)
         examples[task] = {}
+        samples[task] = {}
         for original_split, split in splits.items():
-            pre = [family.preprocess(s, rng) for s in _read_split(registry[task].split_dir(split))]
+            raw = _read_split(registry[task].split_dir(split))
+            pre = [family.preprocess(s, rng) for s in raw]
             examples[task][original_split] = {str(p["example_id"]): p for p in pre}
-    return SimpleNamespace(root=root, registry=registry, families=families, examples=examples, tokenizer=tokenizer)
+            samples[task][original_split] = {str(p["example_id"]): s for p, s in zip(pre, raw)}
+    return SimpleNamespace(root=root, registry=registry, families=families, examples=examples, samples=samples,
+                           tokenizer=tokenizer)
 
 
 def expected(task: str, split: str) -> list[dict]:
@@ -582,12 +597,12 @@ def test_random_negatives_cover_the_whole_split(built, task):
     """A micro-batch of two captions of two images: over many draws the original's random image
     (option 3) is any other image of the split; here it must be too."""
     family = built.families[task]
-    ex = built.examples[task]["train"]
+    ex, raw = built.examples[task]["train"], built.samples[task]["train"]
     two = [next(k for k, e in ex.items() if int(e["image_id"]) == img) for img in (1000, 1001)]
     seen = set()
-    for seed in range(40):
+    for seed in range(40):  # preprocess + collate with fresh draws, as each epoch would
         rng = np.random.default_rng(seed)
-        batch = family.collate([{**ex[k], "draws": rng.random(3)} for k in two])
+        batch = family.collate([family.preprocess(raw[k], rng) for k in two])
         seen.add(tuple(batch.image_feat[2, 1, :4].tolist()))
     assert len(seen) == 3  # the first caption's random image: 1001, 1002 or 1003, not only its batch mate 1001
 
