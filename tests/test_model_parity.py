@@ -6,6 +6,8 @@ issue's: 1e-10 in float64, 1e-5 in float32, for both attention implementations.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -162,3 +164,146 @@ def test_fixture_is_small_and_exercises_padding(parity_fixture):
     x = parity_fixture["inputs"]
     assert (x["attention_mask"] == 0).any() and (x["image_attention_mask"] == 0).any()
     assert (x["masked_lm_labels"] != -1).any() and (x["image_label"] == 1).any()
+
+
+# ------------------------------------------------------------------------------ further cases
+# tests/fixtures/parity/tiny_parity_cases.safetensors (same generator, same inputs): the model
+# without task tokens, visual_target 1, and vilbert_beta; original_keys.json: the key sets and
+# shapes of the original classes' state dicts.
+BETA_ABSENT_HEADS = ["vil_prediction.", "vil_prediction_gqa.", "vil_binary_prediction.", "vil_tri_prediction."]
+
+
+@pytest.fixture(scope="module")
+def parity_cases() -> dict:
+    from safetensors.torch import load_file
+
+    from fixtures.model import PARITY_DIR
+
+    out: dict = {"vt1_weights": {}, "beta_weights": {}, "expected": {"f64": {}, "f32": {}}}
+    for key, value in load_file(str(PARITY_DIR / "tiny_parity_cases.safetensors")).items():
+        kind, rest = key.split("/", 1)
+        if kind == "expected":
+            precision, name = rest.split("/", 1)
+            out["expected"][precision][name] = value
+        else:
+            out[kind][rest] = value
+    out["keys"] = json.loads((PARITY_DIR / "original_keys.json").read_text())
+    return out
+
+
+def beta_state(cases: dict, precision: str, pretraining: bool = False) -> dict[str, torch.Tensor]:
+    state = {k: v.to(DTYPE[precision]) for k, v in cases["beta_weights"].items()}
+    state[TIED_DECODER] = state[WORD_EMBEDDINGS]
+    if pretraining:
+        state = {k: v for k, v in state.items() if k.startswith(("bert.", "cls."))}
+    return state
+
+
+def no_task_config(fx: dict, impl: str, **extra) -> ViLBertConfig:
+    return ViLBertConfig.from_dict({**fx["config"], "task_specific_tokens": False, **extra}).replace(attention_impl=impl)
+
+
+PRECISION_IMPL = [(p, i) for p in ("f64", "f32") for i in ("sdpa", "eager")]
+
+
+@pytest.mark.parametrize("precision,impl", PRECISION_IMPL)
+def test_model_without_task_tokens(parity_fixture, parity_cases, precision, impl):
+    """`VILBertForVLTasks` without task tokens (the original's default): every head."""
+    state = {k: v for k, v in original_state(parity_fixture, precision).items() if k != TASK_EMBEDDINGS}
+    model = vilbert_ds.from_original(state, no_task_config(parity_fixture, impl)).to(DTYPE[precision]).eval()
+    assert not model.config.task_specific_tokens
+    x = inputs(parity_fixture, precision)
+    x["task_ids"] = None
+    want = parity_cases["expected"][precision]
+    with torch.no_grad():
+        out = model(**x)
+    for name, field in FIELDS.items():
+        if f"notask/{name}" in want:
+            assert_close(f"no task tokens: {name}", getattr(out, field), want[f"notask/{name}"], TOL[precision])
+
+
+@pytest.mark.parametrize("precision,impl", PRECISION_IMPL)
+def test_pretraining_visual_target_1(parity_fixture, parity_cases, precision, impl):
+    """`visual_target 1`: the region head regresses the unmasked features (MSE over the masked
+    regions), v_target_size = v_feature_size."""
+    state = original_state(parity_fixture, precision, pretraining=True)
+    state.update({k: v.to(DTYPE[precision]) for k, v in parity_cases["vt1_weights"].items()})
+    cfg = no_task_config(parity_fixture, impl, v_target_size=parity_fixture["config"]["v_feature_size"])
+    model = vilbert_ds.from_original(state, cfg).to(DTYPE[precision]).eval()
+    x = inputs(parity_fixture, precision)
+    del x["task_ids"]
+    labels = {k: parity_fixture["inputs"][k] for k in ("masked_lm_labels", "image_label", "next_sentence_label")}
+    want = parity_cases["expected"][precision]
+    with torch.no_grad():
+        out = model(**x, **labels, image_target=x["image_feat"][:, 1:], visual_target=1)
+    assert_close("visual_target 1 vision_prediction", out.vision_prediction, want["vt1/vision_prediction"],
+                 TOL[precision])
+    for name in ("masked_lm_loss", "masked_img_loss", "next_sentence_loss"):
+        assert_close(f"visual_target 1 {name}", getattr(out, name).reshape(1), want[f"vt1/{name}"], TOL[precision])
+
+
+@pytest.mark.parametrize("precision,impl", PRECISION_IMPL)
+def test_vilbert_beta_pretraining(parity_fixture, parity_cases, precision, impl):
+    """vilbert_beta's BertForMultiModalPreTraining (the NeurIPS'19 code): logits and losses."""
+    model = vilbert_ds.from_original(beta_state(parity_cases, precision, pretraining=True),
+                                     no_task_config(parity_fixture, impl)).to(DTYPE[precision]).eval()
+    x = inputs(parity_fixture, precision)
+    del x["task_ids"]
+    labels = {k: parity_fixture["inputs"][k] for k in ("masked_lm_labels", "image_label", "next_sentence_label")}
+    labels["image_target"] = parity_fixture["inputs"]["image_target"].to(DTYPE[precision])
+    want = parity_cases["expected"][precision]
+    with torch.no_grad():
+        out = model(**x, **labels)
+    for name in ("text_prediction", "vision_prediction", "seq_relationship"):
+        assert_close(f"beta {name}", getattr(out, name), want[f"beta_pretrain/{name}"], TOL[precision])
+    for name in ("masked_lm_loss", "masked_img_loss", "next_sentence_loss"):
+        assert_close(f"beta {name}", getattr(out, name).reshape(1), want[f"beta_pretrain/{name}"], TOL[precision])
+
+
+@pytest.mark.parametrize("precision,impl", PRECISION_IMPL)
+def test_vilbert_beta_vl_heads(parity_fixture, parity_cases, precision, impl):
+    """vilbert_beta's VILBertForVLTasks: its vil_logit, vision_logit and linguisic_logit heads and
+    the pretraining heads it returns (its weight-norm vil_prediction has no 12-in-1 counterpart:
+    dropped by the converter, named in the load report)."""
+    model = vilbert_ds.from_original(beta_state(parity_cases, precision), no_task_config(parity_fixture, impl),
+                                     allow_missing=BETA_ABSENT_HEADS).to(DTYPE[precision]).eval()
+    assert any(k.startswith("vil_prediction.main.") for k in model.load_report.dropped)
+    x = inputs(parity_fixture, precision)
+    x["task_ids"] = None
+    want = parity_cases["expected"][precision]
+    with torch.no_grad():
+        out = model(**x)  # every head (the missing 12-in-1 heads are fresh and not compared)
+    for name, field in (("vil_logit", "vil_logit"), ("vision_logit", "vision_logit"),
+                        ("linguisic_logit", "linguisic_logit"), ("linguisic_prediction", "text_prediction"),
+                        ("vision_prediction", "vision_prediction"), ("vil_binary_prediction", "seq_relationship")):
+        assert_close(f"beta VL {name}", getattr(out, field), want[f"beta_vl/{name}"], TOL[precision])
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in state.items()}
+
+
+def test_to_original_has_the_original_classes_keys_and_shapes(parity_fixture, parity_cases):
+    """`to_original` writes exactly the key set and shapes of the original classes' state dicts
+    (the strict `load_state_dict` into the original classes ran where they are available:
+    tests/fixtures/parity/README.md)."""
+    keys = parity_cases["keys"]
+    full = original_state(parity_fixture, "f32")
+    cases = {
+        "vl_task_tokens": (full, ViLBertConfig.from_dict(parity_fixture["config"])),
+        "vl": ({k: v for k, v in full.items() if k != TASK_EMBEDDINGS}, no_task_config(parity_fixture, "sdpa")),
+        "pretraining": (original_state(parity_fixture, "f32", pretraining=True), no_task_config(parity_fixture, "sdpa")),
+        "beta_pretraining": (beta_state(parity_cases, "f32", pretraining=True), no_task_config(parity_fixture, "sdpa")),
+    }
+    assert set(cases) == set(keys)
+    for name, (state, cfg) in cases.items():
+        got = _shapes(vilbert_ds.to_original(vilbert_ds.from_original(state, cfg)))
+        assert got == keys[name], f"{name}: keys only in ours {sorted(set(got) - set(keys[name]))[:5]}, only in the " \
+                                  f"original {sorted(set(keys[name]) - set(got))[:5]}"
+
+
+def test_case_fixtures_are_small():
+    from fixtures.model import PARITY_DIR
+
+    assert (PARITY_DIR / "tiny_parity_cases.safetensors").stat().st_size < 1_000_000
+    assert (PARITY_DIR / "original_keys.json").stat().st_size < 200_000

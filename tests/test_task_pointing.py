@@ -41,7 +41,7 @@ def test_readers_of_the_public_formats(pointing_root):
     assert ex.payload["candidate_ids"] == sorted(qa["multiple_choices"] + [qa["answer"]])
     b = boxes[qa["answer"]]
     assert ex.payload["ref_box"] == pytest.approx([b["x"], b["y"], b["x"] + b["width"], b["y"] + b["height"]])
-    assert ex.payload["text"] == qa["question"] and ex.images["gt"] == ex.images[""] == str(qa["image_id"])
+    assert ex.payload["text"] == qa["question"] and ex.images["gt"] == ex.images[""] == f"v7w_{qa['image_id']}"
 
     gw = build_family(pointing_root["guesswhat_pointing"])
     game = json.loads(open(f"{pointing_root['guesswhat_pointing'].annotations}/guesswhat.valid.jsonl").readline())

@@ -18,7 +18,8 @@ Public formats (in the task's `annotations` directory):
 - `visual7w`: `dataset_v7w_pointing.json` = `{"images": [{image_id, split, filename, qa_pairs:
   [{qa_id, question, answer: box_id, multiple_choices: [3 box_ids], type}]}], "boxes": [{box_id,
   x, y, width, height, name}]}`. Candidates = sorted(multiple_choices + [answer]) (4), text = the
-  question. Image ids are the Visual7W (Visual Genome) ids. Predictions: `[{"qa_id", "answer": box_id}]`.
+  question. Image ids are the Visual7W (Visual Genome) ids; the feature sets name image N "v7w_N",
+  as the released LMDBs do. Predictions: `[{"qa_id", "answer": box_id}]`.
 - `guesswhat`: `guesswhat.{train,valid,test}.jsonl[.gz]`, one game per line: `image.id`,
   `objects` [{id, bbox: [x, y, w, h], category}], `object_id` (the target), `qas` [{question,
   answer}]. One example per game: candidates = the game's objects sorted by id (up to 20 in the
@@ -39,6 +40,9 @@ from .grounding import GT_SLOT, iou_targets, match_boxes, region_rows, xywh_to_x
 from .metrics import argmax_accuracy
 
 MASK_LOGIT = -10000.0  # what the model adds to padded regions; used for padded candidates too
+# the released Visual7W feature LMDBs (detected and GT) name image N "v7w_N" (the original reads
+# them with that key, and convert_to_lmdb.py keys each record by its image_id)
+V7W_FEATURE_ID = "v7w_{}"
 
 
 @dataclass
@@ -87,7 +91,8 @@ class PointingFamily(TaskFamily):
                 payload = {"qa_id": int(qa["qa_id"]), "image_id": image, "text": qa["question"],
                            "candidate_ids": candidates, "candidate_boxes": [boxes[b] for b in candidates],
                            "answer_id": int(qa["answer"]), "ref_box": boxes[int(qa["answer"])]}
-                out.append(TaskExample(str(qa["qa_id"]), {"": image, GT_SLOT: image}, payload))
+                feature_id = V7W_FEATURE_ID.format(image)
+                out.append(TaskExample(str(qa["qa_id"]), {"": feature_id, GT_SLOT: feature_id}, payload))
         return out
 
     def _read_guesswhat(self, split: str) -> list[TaskExample]:

@@ -30,6 +30,7 @@ import json
 import os
 import pickle
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,7 @@ import yaml
 
 from ..data.sample import FeatureRecord
 from ..data.synthetic import SyntheticSpec, SyntheticWorld
+from .pointing import V7W_FEATURE_ID
 from .registry import default_registry_path
 from .synthetic_qa import write_feature_records
 
@@ -176,11 +178,20 @@ def _ids(prefix: int, spec: SceneSpec, splits: tuple[str, ...]) -> dict[str, lis
 
 # ------------------------------------------------------------------------------ writers
 # Each returns ({feature source: {"dir": directory name, "records": [FeatureRecord]}}, tasks.yaml overrides).
-def _feature_sources(world: SceneWorld, name: str, image_ids: list[str], with_gt: bool) -> dict[str, Any]:
+def _feature_sources(world: SceneWorld, name: str, image_ids: list[str], with_gt: bool,
+                     feature_id: str = "{}") -> dict[str, Any]:
+    """feature_id: the image id the feature records carry (Visual7W's released files: "v7w_{}")."""
     scenes = [world.scene(i) for i in image_ids]
-    out = {"regions": {"dir": name, "records": [s.detected for s in scenes]}}
+
+    def records(kind: str) -> list[FeatureRecord]:
+        recs = [getattr(s, kind) for s in scenes]
+        if feature_id == "{}":
+            return recs
+        return [dataclasses.replace(r, image_id=feature_id.format(i)) for i, r in zip(image_ids, recs)]
+
+    out = {"regions": {"dir": name, "records": records("detected")}}
     if with_gt:
-        out["gt"] = {"dir": f"{name}_gt", "records": [s.gt for s in scenes]}
+        out["gt"] = {"dir": f"{name}_gt", "records": records("gt")}
     return out
 
 
@@ -239,7 +250,8 @@ def _write_visual7w(world: SceneWorld, root: Path, spec: SceneSpec):
                             "answer": box_ids[k], "multiple_choices": others, "type": "which"})
             images.append({"image_id": int(image), "filename": f"v7w_{image}.jpg", "split": split, "qa_pairs": qas})
     _dump(root / "annotations" / "visual7w" / "dataset_v7w_pointing.json", {"images": images, "boxes": boxes})
-    return _feature_sources(world, "visual7w", [i for v in ids.values() for i in v], with_gt=True), {}
+    return _feature_sources(world, "visual7w", [i for v in ids.values() for i in v], with_gt=True,
+                            feature_id=V7W_FEATURE_ID), {}
 
 
 def _write_guesswhat_pointing(world: SceneWorld, root: Path, spec: SceneSpec):
