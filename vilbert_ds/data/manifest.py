@@ -134,6 +134,8 @@ def load_stats(tar_url: str, storage_options: dict | None = None, **retry) -> di
     except FileNotFoundError:
         raise ManifestError(f"{storage.safe_url(url)}: missing; shards addressed by URL pattern need their "
                             f".stats.json beside them (or pass the set's manifest.json)") from None
+    except PermissionError as e:
+        raise ManifestError(f"{storage.safe_url(url)}: access denied ({e})") from None
     try:
         return json.loads(data)
     except json.JSONDecodeError as e:
@@ -147,6 +149,8 @@ def load_source(url: str, storage_options: dict | None = None, **retry) -> Manif
             data = storage.read_bytes(url, storage_options, **retry)
         except FileNotFoundError:
             raise ManifestError(f"{storage.safe_url(url)}: manifest not found") from None
+        except PermissionError as e:
+            raise ManifestError(f"{storage.safe_url(url)}: access denied ({e})") from None
         return Manifest.from_json(data, url)
     urls = expand_urls(url)
     shards, feature_dim, num_classes, pool = [], 2048, None, None

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 CAPTION_POOL_NAME = "captions.json"
 DROPPED_NAME = "dropped.txt"  # one line per input record a build left out (empty when none)
 ESTIMATE_RECORDS = 16  # records read to estimate the bytes of one sample
+PROGRESS_EVERY_S = 0.2  # a build worker reports its sample count to the parent's bar this often
 IDENTITY_VERSION = 1  # bump when the meaning of a recorded identity field changes
 
 
@@ -227,8 +228,8 @@ def identity_diff(recorded: Any, current: dict[str, Any], path: str = "") -> lis
 class _Throttle:
     """Counts samples and passes the count on at most every `every_s` seconds (worker -> parent)."""
 
-    def __init__(self, send: Callable[[int], None], every_s: float = 0.2):
-        self.send, self.every_s = send, every_s
+    def __init__(self, send: Callable[[int], None], every_s: float | None = None):
+        self.send, self.every_s = send, PROGRESS_EVERY_S if every_s is None else every_s
         self.n, self.last = 0, time.monotonic()
 
     def __call__(self, n: int = 1) -> None:
