@@ -635,6 +635,57 @@ def test_a_failing_worker_stops_the_others_and_leaves_no_partial(tmp_path, capsy
     assert (out / "shard-000000.tar").exists() and not (out / "shard-000001.tar").exists()
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_a_killed_worker_is_named_and_the_rerun_cleans_up_and_resumes(tmp_path, capsys):
+    """SIGKILL (the OOM killer) to the build worker while shard 1 is half written: the build
+    names the dead worker and its shard (exit 2); the partial file it could not remove is
+    removed by the rerun, which keeps the finished shards and completes the set."""
+    src = _npz_with_fifo(tmp_path, files=48, fifo_at=25)
+    out = tmp_path / "out"
+    args = ["shards", "build", "--format", "npz", "--input", str(src), "--output", str(out), "--missing-caption", "none",
+            "--max-count", "20", "--workers", "2", *SIZE]
+    proc = _cli_proc(args)
+    try:
+        # the other worker finishes shards 0 and 2 and exits; the one left is blocked in shard 1
+        _wait_for(lambda: (out / "shard-000000.stats.json").exists() and (out / "shard-000002.stats.json").exists()
+                  and any(n.startswith(".shard-000001.tar.") for n in os.listdir(out)), "shards 0 and 2", proc)
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, err
+    assert re.search(r"build worker \d+ died \(killed by SIGKILL \(out of memory\?\)\) while building "
+                     r".*/out/shard-000001\.tar; rerun to resume", lines[0]), lines[0]
+    assert any(n.startswith(".shard-000001.tar.") and n.endswith(".partial") for n in os.listdir(out))
+
+    def unblock():  # the rerun's reader of record 25 gets an empty file (a bad record, skipped)
+        with open(src / "025.npz", "wb"):
+            pass
+    t = threading.Thread(target=unblock, daemon=True)
+    t.start()
+    capsys.readouterr()
+    assert cli(args + ["--on-bad-record", "skip"]) == 0
+    t.join(10)
+    summary = capsys.readouterr().out
+    assert re.search(r"built 1 shard\(s\), skipped 2 finished, 3 in the set", summary), summary
+    assert not [n for n in os.listdir(out) if n.endswith(".partial")]
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 47
+
+
 def test_partials_of_a_killed_build_are_removed_by_the_next_run_of_that_slice(good, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -160,6 +160,9 @@ def main(args: argparse.Namespace) -> int:
     except (InputError, ManifestError, SampleError, BuildError, CommandError, ShardReadError, TarFormatError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the environment (an unreadable input file, a full disk): one line, not a traceback
+        print(f"{prog}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     except BuildInterrupted as e:
         print(f"{prog}: stopped by {e.signame}; partial files removed, rerun the same command to resume", file=sys.stderr)
         return int(e.code)

@@ -202,9 +202,6 @@ class FeatureInput:
         """The files whose content the records come from (for the build identity)."""
         return list(self.paths)
 
-    def describe(self) -> dict[str, Any]:
-        return {"format": self.kind, "paths": self.paths}
-
     def identity(self) -> dict[str, Any]:
         """What a shard records about its input (see `file_identity`)."""
         return {"format": self.kind, "paths": list(self.paths), **file_identity(self.files())}
@@ -341,8 +338,11 @@ def _lmdb_values(paths: Sequence[str], handles, key_list: str, encoding: str):
             if env is None:
                 env = envs[pi] = _lmdb_open(paths[pi])
             where = f"{paths[pi]} key {key.decode(encoding, 'replace')}"
-            with env.begin() as txn:
-                raw = txn.get(key)
+            try:
+                with env.begin() as txn:
+                    raw = txn.get(key)
+            except Exception as e:  # noqa: BLE001 - lmdb.Error subclasses (corrupt page, bad map): the file is damaged
+                raise InputError(f"{where}: the LMDB cannot be read ({type(e).__name__}: {e})") from None
             yield where, (None if raw is None else bytes(raw))
     finally:
         for env in envs.values():

@@ -155,8 +155,9 @@ class _Hashing:
 class TaskSetWriter:
     """Writes samples into `{output}/{prefix}-NNNNNN.tar` (+ `.stats.json`), `max_count` per tar,
     then `manifest.json`. Each tar is written locally and moved/uploaded whole. Opening removes
-    the split's old manifest and the partial files a killed build left; `abort()` removes what
-    this writer wrote; `close()` writes the manifest and removes tars of an older, larger build."""
+    the split's old manifest and the partial files a killed build left; `abort()` removes the
+    split's tars (no manifest); `close()` writes the manifest and removes tars of an older,
+    larger build."""
 
     def __init__(self, output: str, prefix: str, max_count: int, storage_options: dict | None = None):
         self.output, self.prefix, self.max_count = output, prefix, max_count
@@ -237,11 +238,14 @@ class TaskSetWriter:
     def _remove_older_shards(self) -> None:
         """Tars/stats of this prefix beyond the ones written (an older build had more)."""
         pattern = re.compile(rf"^{re.escape(self.prefix)}-(\d{{6}})\.(?:tar|stats\.json)$")
-        if storage.is_local(self.output):
-            names = os.listdir(storage.local_path(self.output))
-        else:
-            fs, path = storage.get_fs(self.output, self.storage_options)
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True)]
+        try:
+            if storage.is_local(self.output):
+                names = os.listdir(storage.local_path(self.output))
+            else:
+                fs, path = storage.get_fs(self.output, self.storage_options)
+                names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True)]
+        except FileNotFoundError:
+            return
         for name in names:
             m = pattern.match(name)
             if m is not None and int(m.group(1)) >= len(self.shards):
