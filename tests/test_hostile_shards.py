@@ -739,6 +739,16 @@ def test_task_build_defaults_to_the_registry_in_data_root(task_root, capsys):
     assert json.loads((split_dir / "manifest.json").read_text())["num_samples"] == 16
 
 
+def test_task_build_removes_partials_a_killed_build_left(task_root, tmp_path, capsys):
+    root = tmp_path / "root"
+    split_dir = _task_copy(task_root, root)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    stale = split_dir / ".minval-000002.tar.k1ll3d.partial"
+    stale.write_bytes(b"half")
+    assert cli(_task_args(root)) == 0
+    assert not stale.exists() and not list(split_dir.glob("*.partial"))
+
+
 def test_failed_task_build_writes_no_manifest_and_no_partial(task_root, tmp_path, capsys):
     """A feature set missing images: exit 2, one line; the split's old manifest and tars are gone
     (multitask training must not train on a partial set), no partial file is left."""

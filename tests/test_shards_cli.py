@@ -152,7 +152,7 @@ def test_build_bar_moves_per_sample_with_workers(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(writer.ShardBuilder, "_bar", lambda self, total: Recorder(total))
+    monkeypatch.setattr(writer.ShardBuilder, "progress_bar", lambda self, total: Recorder(total))
     src = tmp_path / "npz"
     src.mkdir()
     rng = np.random.default_rng(0)

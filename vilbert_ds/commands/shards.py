@@ -50,7 +50,7 @@ def _add_storage(p: argparse.ArgumentParser) -> None:
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
-                   help="no progress bar (it is shown only when stderr is a terminal anyway)")
+                   help="no progress bar (shown only when stderr is a terminal anyway) and no INFO lines")
 
 
 def _add_input(p: argparse.ArgumentParser) -> None:
@@ -111,7 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     i.add_argument("source", help="manifest.json URL, a shard directory, or a tar URL / brace pattern (local or s3://)")
     which = i.add_mutually_exclusive_group()
     which.add_argument("--index", type=int, default=None, help="sample number in the set, from 0 (default: 0)")
-    which.add_argument("--key", default=None, help="sample key (the image id with '.' and '/' replaced by '_')")
+    which.add_argument("--key", default=None, help="sample key (the image id; characters other than letters, digits, '_' and '-' "
+                            "become '_')")
     _add_storage(i)
 
     s = sub.add_parser("synth", help="write synthetic learnable region features in a real input format")

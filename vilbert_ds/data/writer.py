@@ -655,7 +655,7 @@ class ShardBuilder:
         if cfg.workers > 1 and len(todo) > 1:
             self._build_parallel(todo, expected, done)
         else:
-            with self._bar(expected) as bar:
+            with self.progress_bar(expected) as bar:
                 for k in todo:
                     done(self.build_shard(k, bar.update))
         manifest = report = None
@@ -666,7 +666,8 @@ class ShardBuilder:
                             samples=totals["samples"], bytes=totals["bytes"], seconds=time.time() - t0,
                             records_dropped=len(dropped), manifest=manifest, dropped=dropped, dropped_report=report)
 
-    def _bar(self, total: int):
+    def progress_bar(self, total: int):
+        """The build's bar (a context manager with `update(n)`): tqdm on stderr, per sample."""
         from tqdm import tqdm
 
         # disable=None: tqdm shows the bar only when stderr is a terminal
@@ -694,7 +695,7 @@ class ShardBuilder:
                 child.close()
                 workers[parent] = [proc, None]
                 assign(parent)
-            with self._bar(expected) as bar:  # after the forks: tqdm starts a monitor thread
+            with self.progress_bar(expected) as bar:  # after the forks: tqdm starts a monitor thread
                 while any(k is not None for _, k in workers.values()):
                     for conn in mp_connection.wait([c for c, (_, k) in workers.items() if k is not None]):
                         proc, k = workers[conn]
