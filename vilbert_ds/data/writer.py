@@ -618,7 +618,7 @@ class ShardBuilder:
                              f"{' ...' if len(extra) > 4 else ''} beyond this build's {self.num_shards} shard(s) "
                              f"(another build); pass --rebuild to remove them, or choose another --output")
         if foreign or extra:
-            log.warning("--rebuild: replacing %d shard(s) of another build%s", len(foreign),
+            log.warning("rebuild: replacing %d shard(s) of another build%s", len(foreign),
                         f" and removing {len(extra)} file(s) beyond shard {self.num_shards - 1}" if extra else "")
             self._remove(storage.join(cfg.output, MANIFEST_NAME))
             for name in extra:
