@@ -274,7 +274,8 @@ def write_feature_records(out_dir: Path, records: list[FeatureRecord]) -> str:
                 seen.add(rec.image_id)
                 write_tsv_row(f, rec, with_cls_prob=False)
     build(open_input("tsv", [str(tsv)]), None, BuildConfig(output=str(out_dir), prefix="features", max_count=64,
-                                                          missing_caption="none", progress=False))
+                                                          missing_caption="none", progress=False,
+                                                          rebuild=True))  # a rerun rewrites the TSV: replace
     tsv.unlink()
     return str(out_dir)
 
