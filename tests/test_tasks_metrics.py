@@ -64,6 +64,10 @@ def test_box_iou_hand_computed():
     iou = box_iou(a, b)
     assert iou[0].tolist() == pytest.approx([25.0 / 175.0, 1.0, 0.0])
     assert iou[1].tolist() == [0.0, 0.0, 0.0]  # an empty box overlaps nothing
+    # the original refer/pointing convention: x2, y2 are inside the box (+1 on every side length)
+    pixel = box_iou(a[:1], torch.tensor([[5.0, 5.0, 15.0, 15.0], [10.0, 0.0, 20.0, 10.0], [0.0, 0.0, 10.0, 10.0]]),
+                    pixel_inclusive=True)
+    assert pixel[0].tolist() == pytest.approx([36 / (2 * 121 - 36), 11 / (2 * 121 - 11), 1.0])  # touching: 1 pixel column
 
 
 def test_recall_at_k_and_ties():
