@@ -22,6 +22,8 @@ Public format (the `refer` toolkit's files, in the task's `annotations` director
   else is an error naming the file.
 - `instances.json`: COCO-style `{images, annotations: [{id, image_id, bbox: [x, y, w, h]}], categories}`;
   the referred box is the annotation `ann_id` of the ref.
+Both are read from the task's `annotations` directory, or, when the task has a `released`
+directory, from the original's layout there (`refcoco/refs(unc).p`, `refcoco+/...`, `refcocog/...`).
 Splits: refcoco/refcoco+ `train, val, testA, testB`; refcocog (umd) `train, val, test`.
 Prediction file: `[{"sent_id", "ref_id", "image_id", "bbox": [x, y, w, h], "iou", "correct"}]`
 (no public server exists for RefCOCO*; this is what the original's `eval_tasks.py` reports, with
@@ -76,8 +78,16 @@ class ReferFamily(TaskFamily):
     def refs_file(self) -> str:
         return f"refs({REFER_FORMATS[self.config.format][1]}).p"
 
+    @property
+    def refer_root(self) -> str:
+        """Where `refs(*).p` and `instances.json` are: the task's annotations directory, or with
+        released files the original's layout `{released}/{refcoco|refcoco+|refcocog}/`."""
+        if self.config.released:
+            return join_path(self.config.released, REFER_FORMATS[self.config.format][0])
+        return self.config.annotations
+
     def read_annotations(self, split: str) -> list[TaskExample]:
-        root = self.config.annotations
+        root = self.refer_root
         refs_path = join_path(root, self.refs_file)
         inst_path = join_path(root, "instances.json")
         refs = load_plain_pickle(refs_path)

@@ -149,7 +149,7 @@ def read_released_bytes(path: str | os.PathLike) -> bytes:
         with fsspec.open(os.fspath(path), "rb").open() as f:
             return f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"released file {path} does not exist") from None
+        raise FileNotFoundError(f"file {path} does not exist") from None
 
 
 def load_plain_pickle(path: str | os.PathLike, *, arrays: bool = False) -> Any:
