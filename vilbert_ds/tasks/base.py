@@ -132,6 +132,16 @@ def first_existing(root: str, names: Sequence[str]) -> str:
     raise FileNotFoundError(f"none of {list(names)} exists under {root}")
 
 
+def describe_asset_source(source: Mapping[str, Any]) -> str:
+    """A task's asset source (`TaskFamily.asset_source`) in words, for logs, build.json and metrics."""
+    kind = source.get("kind", "derived")
+    if kind == "released":
+        return "released " + ", ".join(source.get("files", []))
+    if kind == "task":
+        return f"the assets of task {source['task']}"
+    return "derived from the training annotations"
+
+
 # ------------------------------------------------------------------------------ text
 def encode_text(tokenizer: Any, text: str, max_length: int, text_b: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """[CLS] a [SEP] (b [SEP]) truncated to `max_length` tokens: (input_ids [L], token_type_ids [L]) int64.

@@ -31,7 +31,7 @@ from ..data import storage
 from ..data.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_source, shard_name, stats_name
 from ..data.sample import Sample, decode, npy_bytes
 from ..data.tario import TarShardWriter, iter_members, split_name
-from .base import TASK_MEMBER, TaskExample, TaskFamily, join_path, slot_member
+from .base import TASK_MEMBER, TaskExample, TaskFamily, describe_asset_source, join_path, slot_member
 from .registry import Registry, build_family, load_registry
 from .released import TEST_ID_FILES, load_id_list
 
@@ -255,16 +255,6 @@ def clean_train_split(examples: list[TaskExample], excluded: set[str]) -> tuple[
 
 
 # ------------------------------------------------------------------------------ driver
-def describe_source(source: dict[str, Any]) -> str:
-    """An asset source (`TaskFamily.asset_source`) in words, for logs and build.json."""
-    kind = source.get("kind", "derived")
-    if kind == "released":
-        return "released " + ", ".join(source.get("files", []))
-    if kind == "task":
-        return f"the assets of task {source['task']}"
-    return "derived from the training annotations"
-
-
 def load_or_build_assets(family: TaskFamily, cfg: TaskBuildConfig, registry: Registry | None = None) -> dict[str, Any]:
     """`{shards}/assets.json`: reused when it was built from the source the task asks for now
     (`asset_source`; another task's assets are re-read each time, so a rebuilt VQA label map
@@ -289,14 +279,14 @@ def load_or_build_assets(family: TaskFamily, cfg: TaskBuildConfig, registry: Reg
     else:
         if stored is not None and not cfg.rebuild_assets:
             log.info("task %s: %s was built from %s; rebuilding it from %s", family.name, url,
-                     describe_source(stored.get("source", {"kind": "derived"})), describe_source(source))
+                     describe_asset_source(stored.get("source", {"kind": "derived"})), describe_asset_source(source))
         train = family.read_annotations(family.config.splits.train) if source["kind"] == "derived" else []
         assets = {**family.build_assets(train), "source": source}
     if assets != stored:
         storage.write_bytes(url, (json.dumps(assets, indent=1, ensure_ascii=False) + "\n").encode(), cfg.storage_options)
     family.set_assets(assets)
     log.info("task %s: assets (%s) from %s", family.name, ", ".join(k for k in assets if k != "source") or "none",
-             describe_source(source))
+             describe_asset_source(source))
     return assets
 
 
@@ -353,7 +343,7 @@ def build_task(registry: Registry, task: str, cfg: TaskBuildConfig | None = None
     summaries = [build_split(family, split, cfg, excluded) for split in splits]
     report = dict(task=tcfg.name, splits=summaries, clean_train_sets=bool(clean), excluded_test_images=len(excluded or ()),
                   clean_notes=notes, assets={k: (len(v) if isinstance(v, list) else v) for k, v in assets.items()},
-                  assets_source=describe_source(assets.get("source", {"kind": "derived"})))
+                  assets_source=describe_asset_source(assets.get("source", {"kind": "derived"})))
     storage.write_bytes(join_path(tcfg.shards, "build.json"), (json.dumps(report, indent=1) + "\n").encode(),
                         cfg.storage_options)
     return report
@@ -376,6 +366,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _build(args)
+    except (ValueError, KeyError, OSError) as exc:  # refused input: one line naming the file / key
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"vilbert-ds shards task: error: {' '.join(str(message).split())}", file=sys.stderr)
+        return 2
+
+
+def _build(args: argparse.Namespace) -> int:
     registry = load_registry(args.registry, data_root=args.data_root, released_root=getattr(args, "released", None))
     cfg = TaskBuildConfig(splits=args.splits, max_count=args.max_count,
                           clean_train_sets=False if args.no_clean_train_sets else None,
@@ -387,6 +386,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"{s['task']}/{s['split']}: {s['samples']} samples ({s['examples_read']} examples read, "
                   f"{s['removed_by_clean_train_sets']} removed by clean_train_sets, {s['missing_images']} missing images) "
                   f"-> {s['manifest']}")
+        print(f"{report['task']}: assets from {report['assets_source']}; clean_train_sets: "
+              f"{'; '.join(report['clean_notes']) or 'off'}")
     return 0
 
 

@@ -44,7 +44,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .base import TaskBatch, TaskExample, TaskFamily, collate_rows, join_path, read_json, records_from_scores
+from ..data import storage
+from .base import (TaskBatch, TaskExample, TaskFamily, collate_rows, describe_asset_source, join_path, read_json,
+                   records_from_scores)
 from .metrics import argmax_soft_score, normalize_vqa_answer, soft_scores
 from .released import ANS2LABEL, LABEL2ANS, load_label_map
 
@@ -175,18 +177,23 @@ class VLClassifierFamily(TaskFamily):
         return super().is_cleaned_split(split) or (self.config.format == "genome" and split == self.config.splits.val)
 
     def asset_source(self) -> dict[str, Any]:
-        if self.config.released:
+        """The released label map when the task's released directory has one, else the shared
+        task's (GenomeQA without the VG files: VQA's), else derived."""
+        if self.released_label_map():
             root = self.config.released.rstrip("/")
             return {"kind": "released", "files": [f"{root}/{ANS2LABEL}", f"{root}/{LABEL2ANS}"]}
         if self.options.answers_from:
             return {"kind": "task", "task": self.options.answers_from}
         return {"kind": "derived", "min_answer_count": self.options.min_answer_count}
 
+    def released_label_map(self) -> bool:
+        return bool(self.config.released) and storage.exists(f"{self.config.released.rstrip('/')}/{LABEL2ANS}")
+
     def build_assets(self, train_examples: Sequence[TaskExample]) -> dict[str, Any]:
         """The label map: the released files when the task has them, else the answers of the
         training split with at least `min_answer_count` occurrences (VQA counts each question's
         consensus answer), most frequent first."""
-        if self.config.released:
+        if self.released_label_map():
             answers, files = load_label_map(self.config.released)
             self._check_width(answers, f"{files[1]}")
             return {"answers": answers, "dropped_answers": 0}
@@ -256,9 +263,7 @@ class VLClassifierFamily(TaskFamily):
 
     def label_map_note(self) -> str:
         """Which label map names the predictions and which the targets (for logs and metrics)."""
-        source = self.assets.get("source", {"kind": "derived"})
-        shards = (f"released {source['files'][-1]}" if source.get("kind") == "released"
-                  else f"task {source['task']}'s" if source.get("kind") == "task" else "derived from the annotations")
+        shards = describe_asset_source(self.assets.get("source", {"kind": "derived"}))
         if self._head is None:
             return f"{self.config.head} answers = the task shards' label map ({shards}, {len(self.assets['answers'])} answers)"
         common = int((self._head_index >= 0).sum())
