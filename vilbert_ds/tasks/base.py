@@ -298,6 +298,9 @@ class TaskFamily:
     heads: ClassVar[tuple[str, ...]] = ()  # ViLBert heads the family computes
     image_slots: ClassVar[dict[str, str]] = {"": "regions"}  # slot -> feature source (tasks.yaml features)
     batch_type: ClassVar[type[TaskBatch]] = TaskBatch
+    # set by the shard builder: whether held-out test images are removed from the training splits
+    # (the original picks some released files by it, e.g. hard_negative_cleaned.pkl)
+    clean_train_sets: bool = True
 
     @dataclass
     class Options:
@@ -347,6 +350,11 @@ class TaskFamily:
     def finalize_examples(self, examples: list[TaskExample], split: str) -> list[TaskExample]:
         """A hook run after `build_assets`, before the join (e.g. turn answers into label ids)."""
         return examples
+
+    def split_written(self, split: str, examples: Sequence[TaskExample], output: str,
+                      storage_options: Mapping[str, Any] | None = None) -> None:
+        """A hook run once a split's shards and manifest are written; `examples` are in the
+        order of the set's samples (e.g. an index of the split beside its manifest)."""
 
     def set_assets(self, assets: Mapping[str, Any]) -> None:
         self._assets = dict(assets)

@@ -305,10 +305,10 @@ def build_split(family: TaskFamily, split: str, cfg: TaskBuildConfig, excluded: 
     output = tcfg.split_dir(split)
     writer = TaskSetWriter(output, split, cfg.max_count, cfg.storage_options)
     joined, missing = join_features(examples, family.image_slots, tcfg.features, cfg.storage_options)
-    written = 0
+    written: list[TaskExample] = []  # in the order of the set's samples
     for example, images in joined:
         writer.write(example.key, sample_members(tcfg.name, split, example, images), int(images[""].features.shape[0]))
-        written += 1
+        written.append(example)
     n_missing = sum(len(v) for v in missing.values())
     if n_missing and not cfg.allow_missing:
         writer.close({})  # leaves a consistent (partial) set behind, the error says what is missing
@@ -317,14 +317,15 @@ def build_split(family: TaskFamily, split: str, cfg: TaskBuildConfig, excluded: 
         raise ValueError(f"task {tcfg.name!r} split {split!r}: {n_missing} image(s) referenced by the annotations are "
                          f"not in the feature sets: {detail} (--allow-missing drops those examples, counted)")
     summary = dict(task=tcfg.name, split=split, examples_read=read, removed_by_clean_train_sets=cleaned,
-                   missing_images=n_missing, dropped_for_missing_images=len(examples) - written, samples=written,
+                   missing_images=n_missing, dropped_for_missing_images=len(examples) - len(written), samples=len(written),
                    seconds=round(time.time() - t0, 2))
     build_args = dict(format=tcfg.format, family=tcfg.family, annotations=tcfg.annotations, features=tcfg.features,
                       max_count=cfg.max_count, assets_source=family.assets.get("source", {"kind": "derived"}),
                       **{k: v for k, v in summary.items() if k != "seconds"})
     summary["manifest"] = writer.close(build_args)
+    family.split_written(split, written, output, cfg.storage_options)
     log.info("task %s split %s: %d samples (%d annotations, %d removed by clean_train_sets, %d missing images)",
-             tcfg.name, split, written, read, cleaned, n_missing)
+             tcfg.name, split, len(written), read, cleaned, n_missing)
     return summary
 
 
@@ -334,8 +335,9 @@ def build_task(registry: Registry, task: str, cfg: TaskBuildConfig | None = None
     tcfg = registry.resolve(task)
     family = build_family(tcfg)
     splits = cfg.splits or tcfg.splits.all()
-    assets = load_or_build_assets(family, cfg, registry)
     clean = registry.clean_train_sets if cfg.clean_train_sets is None else cfg.clean_train_sets
+    family.clean_train_sets = bool(clean)
+    assets = load_or_build_assets(family, cfg, registry)
     excluded, notes = (held_out_image_ids(registry, tcfg.image_domain, tcfg.released)
                        if clean and any(family.is_cleaned_split(s) for s in splits) else (None, []))
     for note in notes:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .base import TaskFamily, describe_asset_source
-from .registry import Registry, build_family, load_registry
+from .registry import Registry, load_registry
 from .released import LABEL2ANS, load_label_map
 
 log = logging.getLogger(__name__)

@@ -152,6 +152,14 @@ def read_released_bytes(path: str | os.PathLike) -> bytes:
         raise FileNotFoundError(f"file {path} does not exist") from None
 
 
+def released_source(*files: str) -> dict[str, Any]:
+    """An asset source naming released files and their sha256, so changed files rebuild the assets."""
+    import hashlib
+
+    return {"kind": "released", "files": list(files),
+            "sha256": [hashlib.sha256(read_released_bytes(f)).hexdigest()[:16] for f in files]}
+
+
 def load_plain_pickle(path: str | os.PathLike, *, arrays: bool = False) -> Any:
     """A pickle of plain data (any protocol, Python 2 or 3) from a local path or fsspec URL.
 

@@ -48,7 +48,7 @@ from ..data import storage
 from .base import (TaskBatch, TaskExample, TaskFamily, collate_rows, describe_asset_source, join_path, read_json,
                    records_from_scores)
 from .metrics import argmax_soft_score, normalize_vqa_answer, soft_scores
-from .released import ANS2LABEL, LABEL2ANS, load_label_map
+from .released import ANS2LABEL, LABEL2ANS, load_label_map, released_source
 
 
 @dataclass
@@ -181,7 +181,7 @@ class VLClassifierFamily(TaskFamily):
         task's (GenomeQA without the VG files: VQA's), else derived."""
         if self.released_label_map():
             root = self.config.released.rstrip("/")
-            return {"kind": "released", "files": [f"{root}/{ANS2LABEL}", f"{root}/{LABEL2ANS}"]}
+            return released_source(f"{root}/{ANS2LABEL}", f"{root}/{LABEL2ANS}")
         if self.options.answers_from:
             return {"kind": "task", "task": self.options.answers_from}
         return {"kind": "derived", "min_answer_count": self.options.min_answer_count}
