@@ -262,3 +262,40 @@ def test_code_running_pickles_are_refused_in_every_slot(released, scene_registry
     assert str(path) in lines[-1] and "refusing" in lines[-1] and "posix.system" in lines[-1], lines[-1]
     assert not os.path.exists(MARKER)
     assert not (tmp_path / "model").exists()  # convert refused before writing anything
+
+
+# ------------------------------------------------------------------------------ clean_train_sets id lists
+def test_shipped_test_ids_replace_the_derived_ones(released, tmp_path, capsys):
+    """cache/coco_test_ids.npy in VQA's released folder is what clean_train_sets removes (not the
+    ids derived from the registry's test splits); genome_test_ids.npy cleans GenomeQA train AND
+    val; an object .npy is refused (allow_pickle=False) naming the file."""
+    registry = released["registry"]
+    vqa_train = build_family(registry["vqa"]).read_annotations("trainval")
+    vqa_images = sorted({e.images[""] for e in vqa_train})
+    genome = build_family(registry["genomeqa"])
+    genome_val = {e.images[""] for e in genome.read_annotations("val")}
+    genome_train = {e.images[""] for e in genome.read_annotations("train")}
+    datasets = tmp_path / "datasets"
+    (datasets / "VQA" / "cache").mkdir(parents=True)
+    (datasets / "visual_genome" / "cache").mkdir(parents=True)
+    np.save(datasets / "VQA" / "cache" / "coco_test_ids.npy", np.array([int(vqa_images[0]), int(vqa_images[1]), 999999]))
+    drop = [sorted(genome_val)[0], sorted(genome_train)[0]]
+    np.save(datasets / "visual_genome" / "cache" / "genome_test_ids.npy", np.array([int(i) for i in drop]))
+    reg = load_registry(registry.path, released_root=datasets,
+                        overrides={t: {"shards": str(tmp_path / "shards" / t)} for t in ("vqa", "genomeqa")})
+    report = build_task(reg, "vqa", TaskBuildConfig(splits=["trainval"]))
+    removed = sum(e.images[""] in vqa_images[:2] for e in vqa_train)
+    assert report["splits"][0]["removed_by_clean_train_sets"] == removed > 0
+    assert report["clean_notes"] == [f"{datasets}/VQA/cache/coco_test_ids.npy: 3 ids (the shipped list; replaces the "
+                                     f"derived test ids)"]
+    derived = build_task(load_registry(registry.path, overrides={"vqa": {"shards": str(tmp_path / "derived")}}), "vqa",
+                         TaskBuildConfig(splits=["trainval"]))
+    assert derived["splits"][0]["removed_by_clean_train_sets"] != removed  # the derived list is another one
+    report = build_task(reg, "genomeqa", TaskBuildConfig())
+    by_split = {s["split"]: s["removed_by_clean_train_sets"] for s in report["splits"]}
+    assert by_split["train"] > 0 and by_split["val"] > 0  # the original cleans GenomeQA's val split too
+    np.save(datasets / "VQA" / "cache" / "coco_test_ids.npy", np.array([object()], dtype=object), allow_pickle=True)
+    code = cli(["shards", "task", "--task", "vqa", "--registry", registry.path, "--released", str(datasets),
+                "--splits", "trainval"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"{datasets}/VQA/cache/coco_test_ids.npy: not a plain numeric/text .npy array" in err, err
