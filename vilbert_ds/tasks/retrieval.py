@@ -16,8 +16,8 @@ accuracy (ties count as wrong: the answer is always option 0, which torch.max pi
 and the position of a sample of each caption in the set, plus the hard-negative pools of the
 training split. A data worker loads it once; option 2 and 4 captions come from it, option 3's
 image is one random-access read of another sample of the set (`data.stream.read_samples` at
-the manifest's byte offsets). Per worker that is the index in memory (COCO train: ~35 MB of
-captions + 4 bytes x 100 per image of pools) and one extra sample read per example. Draws come
+the manifest's byte offsets). Per worker that is the index in memory (COCO train: ~100 MB,
+45 MB of it the 100-image pools) and one extra sample read per example. Draws come
 from the example's (seed, epoch, key) generator, so a resumed run draws the same negatives.
 Unlike the original, option 3 never keeps stale boxes of the true image.
 
