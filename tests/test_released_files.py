@@ -233,7 +233,8 @@ SLOTS = [  # (command, released-file path under datasets/)
     ("vqa", "VQA/cache/trainval_ans2label.pkl"), ("vqa", "VQA/cache/trainval_label2ans.pkl"),
     ("gqa", "gqa/cache/trainval_ans2label.pkl"), ("gqa", "gqa/cache/trainval_label2ans.pkl"),
     ("genomeqa", "visual_genome/cache/trainval_ans2label.pkl"), ("genomeqa", "visual_genome/cache/trainval_label2ans.pkl"),
-    ("retrieval_flickr30k", "flickr30k/hard_negative_cleaned.pkl"), ("refcoco", "refcoco/refcoco/refs(unc).p"),
+    ("retrieval_flickr30k", "flickr30k/hard_negative_cleaned.pkl"),
+    ("retrieval_flickr30k --no-clean-train-sets", "flickr30k/hard_negative.pkl"), ("refcoco", "refcoco/refcoco/refs(unc).p"),
 ]
 
 
@@ -252,8 +253,9 @@ def test_code_running_pickles_are_refused_in_every_slot(released, scene_registry
         argv = ["convert", str(released["bin"]), str(tmp_path / "model"), "--config", str(released["config"]),
                 "--label-maps", str(datasets)]
     else:
-        registry = released["registry"] if command in HEAD_OF else scene_registry
-        argv = ["shards", "task", "--task", command, "--registry", registry.path, "--released", str(datasets)]
+        task, *extra = command.split()
+        registry = released["registry"] if task in HEAD_OF else scene_registry
+        argv = ["shards", "task", "--task", task, "--registry", registry.path, "--released", str(datasets), *extra]
     code = cli(argv)
     _, err = capsys.readouterr()
     assert code == 2, err
