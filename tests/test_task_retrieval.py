@@ -367,7 +367,6 @@ def test_paper_protocol_ranks_the_1k_set_text_to_image(flickr, registry, tmp_pat
     written = json.loads(flickr.write_predictions(got, tmp_path / "paper.json").read_text())
     assert set(written) == {"text_to_image"}
     # the original's released 1k set file: its images, its caption counts
-    cfg = registry["retrieval_flickr30k"]
     released = tmp_path / "datasets" / "flickr30k"
     released.mkdir(parents=True)
     chosen = [paper["images"][0], paper["images"][2]]
@@ -382,7 +381,8 @@ def test_paper_protocol_ranks_the_1k_set_text_to_image(flickr, registry, tmp_pat
                              protocol="paper")
     first = {img: sorted((e.example_id for e in test if e.payload["image_id"] == img), key=int) for img in chosen}
     assert [s for s, _ in rel.captions] == first[chosen[0]][:3] + first[chosen[1]][:2]
-    assert rel.result()["images"] == 2.0
+    assert rel.result()["images"] == 2.0 and "all_data_final_test_set0_2014.jsonline" in rel.note
+    assert got.note.startswith("paper protocol: caption->image, 20 captions x 4 images of the test set (derived")
     # a paper set the shards do not cover is an error naming it
     lines.append({"img_path": "99999.jpg", "sentences": ["x"]})
     (released / "all_data_final_test_set0_2014.jsonline").write_text("\n".join(json.dumps(x) for x in lines) + "\n")

@@ -92,6 +92,8 @@ def _evaluate(args: argparse.Namespace, env: DistEnv) -> dict[str, float]:
     result = {**metric.result(), "seconds": round(time.perf_counter() - start, 2), "split_samples": float(loader.total)}
     if label_map is not None:
         result["label_map"] = label_map
+    if getattr(metric, "note", ""):  # retrieval: which protocol and set were ranked
+        result["protocol"] = metric.note
     if env.is_main:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import storage
-from .base import TaskBatch, TaskExample, TaskFamily, collate_rows, join_path, pad_stack, read_json
+from .base import TaskBatch, TaskExample, TaskFamily, collate_rows, describe_asset_source, join_path, pad_stack, read_json
 from .metrics import TaskMetric, _sort_key, rank_of_gold, recall_at_k
 from .released import load_hard_negative_pool, released_source
 
@@ -269,6 +269,7 @@ class RankingMetric(TaskMetric):
         self.captions = [(str(s), str(i)) for s, i in captions]
         self.columns: dict[str, torch.Tensor] = {}
         self.protocol = protocol  # "full": both directions; "paper": caption->image, the original's median
+        self.note = ""  # what was ranked, for logs and the metrics file (set by evaluate_ranking)
 
     def update(self, records: Mapping[str, Mapping[str, Any]]) -> None:
         for image, record in records.items():
@@ -308,6 +309,7 @@ class RankingMetric(TaskMetric):
         parts = [torch.empty_like(local) for _ in ids]
         dist.all_gather(parts, local)
         merged = RankingMetric(self.task, self.captions, self.protocol)
+        merged.note = self.note
         for part_ids, part in zip(ids, parts):
             part = part.cpu()
             merged.update({img: {"scores": part[:, k]} for k, img in enumerate(part_ids)})
@@ -689,6 +691,12 @@ class RetrievalFamily(TaskFamily):
         finally:
             model.train(was_training)
         metric.update({img: {"scores": columns[:, k]} for k, img in enumerate(image_ids)})
+        if paper is not None:
+            source = describe_asset_source(self.assets.get("source", {"kind": "derived"}))
+            metric.note = (f"paper protocol: caption->image, {len(order)} captions x {len(paper['images'])} images of "
+                           f"the {paper['split']} set ({source})")
+        else:
+            metric.note = "full protocol: every caption x every image of the split, both directions"
         merged = metric.gather()
         if paper is not None:
             missing = [img for img in paper["images"] if img not in merged.columns]
