@@ -391,3 +391,17 @@ def test_paper_protocol_ranks_the_1k_set_text_to_image(flickr, registry, tmp_pat
     with pytest.raises(ValueError, match=r"lack 1 of the paper protocol's 3 images \(e.g. \['99999'\]\)"):
         fam.evaluate_split(model, EvalLoader(fam, "test", DATA, rank=0, world_size=1, micro_batch_size=8), "cpu",
                            protocol="paper")
+
+
+def test_eval_command_with_the_paper_protocol(registry, tmp_path, capsys):
+    from vilbert_ds.cli import main as cli
+    from vilbert_ds.weights import save_model
+
+    save_model(tiny_model(), tmp_path / "model")
+    code = cli(["eval", "--task", "retrieval_flickr30k", "--ckpt", str(tmp_path / "model"), "--split", "test",
+                "--protocol", "paper", "--registry", registry.path, "--out", str(tmp_path / "eval"), "--workers", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "eval" / "retrieval_flickr30k_test_metrics.json").read_text())
+    assert metrics["protocol"].startswith("paper protocol: caption->image") and "t2i_R@10" in metrics
+    assert not any(k.startswith("i2t") for k in metrics) and "protocol: paper protocol" in out
