@@ -75,8 +75,12 @@ import torch
 import torch.nn.functional as F
 
 from ..data import storage
+from ..data.manifest import load_source
+from ..data.sample import Sample
+from ..data.stream import ReadOptions, StreamStats, read_samples
 from .base import TaskBatch, TaskExample, TaskFamily, collate_rows, describe_asset_source, join_path, pad_stack, read_json
 from .metrics import TaskMetric, _sort_key, rank_of_gold, recall_at_k
+from .loader import sample_dict
 from .released import load_hard_negative_pool, released_source
 
 log = logging.getLogger(__name__)
@@ -242,9 +246,6 @@ class SplitNegatives:
 
     def sample_at(self, position: int):
         """The set's sample at a position (manifest order): one ranged read."""
-        from ..data.manifest import load_source
-        from ..data.stream import ReadOptions, StreamStats, read_samples
-
         if self._reader is None:
             manifest = load_source(join_path(self.split_dir, "manifest.json"))
             opts = ReadOptions(storage_options={}, chunk_bytes=8 << 20, parallel=1, retries=6, backoff_s=0.25,
@@ -557,10 +558,8 @@ class RetrievalFamily(TaskFamily):
         other_caption = self.encode(neg.caption(neg.random_caption(rng, neg.other_image(rng, i))))
         j = neg.other_image(rng, i)
         other = neg.sample_at(int(neg.caption_sample[neg.random_caption(rng, j)]))
-        if not hasattr(other, "meta"):
+        if not isinstance(other, Sample):
             raise RuntimeError(f"task {self.name!r}: {getattr(other, 'reason', other)}")
-        from .loader import sample_dict
-
         other_image = self.image(sample_dict(other))
         hard_image = neg.hard_image(rng, i) if task.get("hard_option") else neg.other_image(rng, i)
         fourth = self.encode(neg.caption(neg.random_caption(rng, hard_image)))
