@@ -40,8 +40,9 @@ from ..data.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_source, sha
 from ..data.sample import Sample, decode, npy_bytes
 from ..data.tario import TarShardWriter, iter_members, split_name
 from ..data.writer import BuildInterrupted, cleanup_on_sigterm, local_scratch_dir, remove_stale_partials
-from .base import TASK_MEMBER, TaskExample, TaskFamily, join_path, read_json, slot_member
-from .registry import Registry, TaskConfig, build_family, load_registry
+from .base import TASK_MEMBER, TaskExample, TaskFamily, describe_asset_source, join_path, slot_member
+from .registry import Registry, build_family, load_registry
+from .released import TEST_ID_FILES, load_id_list
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +268,22 @@ class TaskSetWriter:
 
 
 # ------------------------------------------------------------------------------ clean_train_sets
-def held_out_image_ids(registry: Registry, domain: str) -> tuple[set[str], list[str]]:
-    """Image ids of the `test` splits of every registry task of an image domain, plus the
-    domain's id files. Returns (ids, notes) where notes say what was read or unavailable."""
+def held_out_image_ids(registry: Registry, domain: str, released: str = "") -> tuple[set[str], list[str]]:
+    """Image ids that clean_train_sets removes from the splits of a task of image domain `domain`,
+    and notes saying where they come from. In order of preference:
+    1. the registry's `clean_train_sets.id_files[domain]` (an .npy or JSON list);
+    2. the original's shipped list `{released}/cache/{coco,flickr,genome}_test_ids.npy` when the
+       task has a released directory holding it;
+    3. derived: the images of the `test` splits of every registry task of the domain.
+    A given list replaces the derived ids (the original removes exactly its shipped list)."""
+    id_file = registry.clean_id_files.get(domain, "")
+    if not id_file and released and domain in TEST_ID_FILES:
+        candidate = join_path(join_path(released, "cache"), TEST_ID_FILES[domain])
+        if storage.exists(candidate):
+            id_file = candidate
+    if id_file:
+        listed = load_id_list(id_file)
+        return set(listed), [f"{id_file}: {len(listed)} ids (the shipped list; replaces the derived test ids)"]
     ids: set[str] = set()
     notes: list[str] = []
     for cfg in registry:
@@ -287,12 +301,7 @@ def held_out_image_ids(registry: Registry, domain: str) -> tuple[set[str], list[
                 continue
             before = len(ids)
             ids.update(str(i) for ex in examples for i in ex.images.values())
-            notes.append(f"{cfg.name}/{split}: {len(ids) - before} new test image ids")
-    id_file = registry.clean_id_files.get(domain)
-    if id_file:
-        listed = read_json(id_file)
-        ids.update(str(i) for i in listed)
-        notes.append(f"{id_file}: {len(listed)} ids")
+            notes.append(f"{cfg.name}/{split}: {len(ids) - before} new test image ids (derived)")
     return ids, notes
 
 
@@ -302,21 +311,39 @@ def clean_train_split(examples: list[TaskExample], excluded: set[str]) -> tuple[
     return kept, len(examples) - len(kept)
 
 
-def is_train_split(cfg: TaskConfig, split: str) -> bool:
-    """The registry's train split and any split named like one (the original: "train" in name)."""
-    return split == cfg.splits.train or "train" in split
-
-
 # ------------------------------------------------------------------------------ driver
-def load_or_build_assets(family: TaskFamily, cfg: TaskBuildConfig) -> dict[str, Any]:
+def load_or_build_assets(family: TaskFamily, cfg: TaskBuildConfig, registry: Registry | None = None) -> dict[str, Any]:
+    """`{shards}/assets.json`: reused when it was built from the source the task asks for now
+    (`asset_source`; another task's assets are re-read each time, so a rebuilt VQA label map
+    reaches GenomeQA), else (or with --rebuild-assets) built and written."""
     url = join_path(family.config.shards, "assets.json")
-    if not cfg.rebuild_assets and storage.exists(url, cfg.storage_options):
-        assets = json.loads(storage.read_bytes(url, cfg.storage_options))
+    source = family.asset_source()
+    stored = None
+    if storage.exists(url, cfg.storage_options):
+        stored = json.loads(storage.read_bytes(url, cfg.storage_options))
+    if source["kind"] == "task":
+        if registry is None:
+            raise ValueError(f"task {family.name!r} shares the assets of task {source['task']!r}: build it through "
+                             f"the registry (vilbert-ds shards task)")
+        other = build_family(registry.resolve(source["task"]))
+        if other.config.head != family.config.head:
+            raise ValueError(f"task {family.name!r} ({family.config.head}) cannot share the label map of task "
+                             f"{other.name!r} ({other.config.head}): they are different heads")
+        shared = load_or_build_assets(other, TaskBuildConfig(storage_options=cfg.storage_options), registry)
+        assets = {**family.shared_assets(other.name, shared), "source": source}
+    elif stored is not None and not cfg.rebuild_assets and stored.get("source") == source:
+        assets = stored
     else:
-        train = family.read_annotations(family.config.splits.train)
-        assets = family.build_assets(train)
+        if stored is not None and not cfg.rebuild_assets:
+            log.info("task %s: %s was built from %s; rebuilding it from %s", family.name, url,
+                     describe_asset_source(stored.get("source", {"kind": "derived"})), describe_asset_source(source))
+        train = family.read_annotations(family.config.splits.train) if source["kind"] == "derived" else []
+        assets = {**family.build_assets(train), "source": source}
+    if assets != stored:
         storage.write_bytes(url, (json.dumps(assets, indent=1, ensure_ascii=False) + "\n").encode(), cfg.storage_options)
     family.set_assets(assets)
+    log.info("task %s: assets (%s) from %s", family.name, ", ".join(k for k in assets if k != "source") or "none",
+             describe_asset_source(source))
     return assets
 
 
@@ -326,7 +353,7 @@ def build_split(family: TaskFamily, split: str, cfg: TaskBuildConfig, excluded: 
     examples = family.read_annotations(split)
     read = len(examples)
     cleaned = 0
-    if excluded is not None and is_train_split(tcfg, split):
+    if excluded is not None and family.is_cleaned_split(split):
         examples, cleaned = clean_train_split(examples, excluded)
     if not examples:
         raise ValueError(f"task {tcfg.name!r} split {split!r}: no examples left ({read} read, {cleaned} removed by "
@@ -334,14 +361,14 @@ def build_split(family: TaskFamily, split: str, cfg: TaskBuildConfig, excluded: 
     examples = family.finalize_examples(examples, split)
     output = tcfg.split_dir(split)
     writer = TaskSetWriter(output, split, cfg.max_count, cfg.storage_options)
-    written = 0
+    written: list[TaskExample] = []  # in the order of the set's samples
     try:
         joined, missing = join_features(examples, family.image_slots, tcfg.features, cfg.storage_options)
         with _bar(cfg, len(examples), f"{tcfg.name}/{split}") as bar:
             for example, images in joined:
                 writer.write(example.key, sample_members(tcfg.name, split, example, images),
                              int(images[""].features.shape[0]))
-                written += 1
+                written.append(example)
                 bar.update(1)
         n_missing = sum(len(v) for v in missing.values())
         if n_missing and not cfg.allow_missing:
@@ -354,17 +381,19 @@ def build_split(family: TaskFamily, split: str, cfg: TaskBuildConfig, excluded: 
         writer.abort()  # an error, SIGTERM or SIGINT: no partial set, no manifest
         raise
     summary = dict(task=tcfg.name, split=split, examples_read=read, removed_by_clean_train_sets=cleaned,
-                   missing_images=n_missing, dropped_for_missing_images=len(examples) - written, samples=written,
+                   missing_images=n_missing, dropped_for_missing_images=len(examples) - len(written), samples=len(written),
                    seconds=round(time.time() - t0, 2))
     build_args = dict(format=tcfg.format, family=tcfg.family, annotations=tcfg.annotations, features=tcfg.features,
-                      max_count=cfg.max_count, **{k: v for k, v in summary.items() if k != "seconds"})
+                      max_count=cfg.max_count, assets_source=family.assets.get("source", {"kind": "derived"}),
+                      **{k: v for k, v in summary.items() if k != "seconds"})
     try:
         summary["manifest"] = writer.close(build_args)
     except BaseException:
         writer.abort()
         raise
+    family.split_written(split, written, output, cfg.storage_options)
     log.info("task %s split %s: %d samples (%d annotations, %d removed by clean_train_sets, %d missing images)",
-             tcfg.name, split, written, read, cleaned, n_missing)
+             tcfg.name, split, len(written), read, cleaned, n_missing)
     return summary
 
 
@@ -382,13 +411,17 @@ def build_task(registry: Registry, task: str, cfg: TaskBuildConfig | None = None
     tcfg = registry.resolve(task)
     family = build_family(tcfg)
     splits = cfg.splits or tcfg.splits.all()
-    assets = load_or_build_assets(family, cfg)
     clean = registry.clean_train_sets if cfg.clean_train_sets is None else cfg.clean_train_sets
-    excluded, notes = (held_out_image_ids(registry, tcfg.image_domain) if clean and any(is_train_split(tcfg, s) for s in splits)
-                       else (None, []))
+    family.clean_train_sets = bool(clean)
+    assets = load_or_build_assets(family, cfg, registry)
+    excluded, notes = (held_out_image_ids(registry, tcfg.image_domain, tcfg.released)
+                       if clean and any(family.is_cleaned_split(s) for s in splits) else (None, []))
+    for note in notes:
+        log.info("task %s: clean_train_sets: %s", tcfg.name, note)
     summaries = [build_split(family, split, cfg, excluded) for split in splits]
     report = dict(task=tcfg.name, splits=summaries, clean_train_sets=bool(clean), excluded_test_images=len(excluded or ()),
-                  clean_notes=notes, assets={k: (len(v) if isinstance(v, list) else v) for k, v in assets.items()})
+                  clean_notes=notes, assets={k: (len(v) if isinstance(v, list) else v) for k, v in assets.items()},
+                  assets_source=describe_asset_source(assets.get("source", {"kind": "derived"})))
     storage.write_bytes(join_path(tcfg.shards, "build.json"), (json.dumps(report, indent=1) + "\n").encode(),
                         cfg.storage_options)
     return report
@@ -406,6 +439,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-clean-train-sets", action="store_true", help="keep test-split images in train splits")
     p.add_argument("--allow-missing", action="store_true", help="drop (and count) examples whose image has no features")
     p.add_argument("--rebuild-assets", action="store_true", help="rebuild the answer vocabulary / task assets")
+    p.add_argument("--released", default=None, metavar="DIR",
+                   help="the original's unpacked datasets.tar.gz (holding VQA/, gqa/, visual_genome/, cocoRetreival/, "
+                        "...): its label maps, hard-negative pools and test-id lists replace the derived ones")
 
 
 def registry_path(registry: str | None, data_root: str | None) -> str | None:
@@ -437,7 +473,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    registry = load_registry(registry_path(args.registry, args.data_root), data_root=args.data_root)
+    registry = load_registry(registry_path(args.registry, args.data_root), data_root=args.data_root,
+                             released_root=getattr(args, "released", None))
     cfg = TaskBuildConfig(splits=args.splits, max_count=args.max_count,
                           clean_train_sets=False if args.no_clean_train_sets else None,
                           allow_missing=args.allow_missing, rebuild_assets=args.rebuild_assets,
@@ -449,6 +486,8 @@ def _main(args: argparse.Namespace) -> int:
             print(f"{s['task']}/{s['split']}: {s['samples']} samples ({s['examples_read']} examples read, "
                   f"{s['removed_by_clean_train_sets']} removed by clean_train_sets, {s['missing_images']} missing images) "
                   f"-> {s['manifest']}")
+        print(f"{report['task']}: assets from {report['assets_source']}; clean_train_sets: "
+              f"{'; '.join(report['clean_notes']) or 'off'}")
     return 0
 
 
