@@ -31,16 +31,20 @@ def _params(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def test_single_rank_zero0_without_the_self_allreduce_is_bitwise_identical(bench_common):
-    """engine.build_engine skips DeepSpeed's gradient all-reduce on one ZeRO-0 rank (a copy of
-    every gradient into a bucket and back): the trajectory must not change by one bit."""
+@pytest.mark.parametrize("precision,stage", [("fp32", 0), ("bf16", 1)])
+def test_single_rank_without_the_self_allreduce_is_bitwise_identical(bench_common, precision, stage):
+    """engine.build_engine skips DeepSpeed's gradient all-reduce on one rank at ZeRO-0 and under
+    bf16 with fp32 accumulation (BF16_Optimizer, ds_configs/zero1_bf16.json), where it is a copy
+    of every gradient into a bucket and back: the trajectory must not change by one bit."""
     C = bench_common
-    spec = C.StepSpec(config="tiny", batch=4)
+    spec = C.StepSpec(config="tiny", batch=4, precision=precision, zero_stage=stage)
     finals = []
     for allreduce in (True, False):
         with C.quiet_output():
             step = C.build_step(spec, seed=3)
         assert step.holder.enable_backward_allreduce is False  # what build_engine now does
+        if precision == "bf16":
+            assert type(step.holder.optimizer).__name__ == "BF16_Optimizer"
         step.holder.enable_backward_allreduce = allreduce
         torch.manual_seed(11)  # dropout draws
         losses = [step.step() for _ in range(3)]
