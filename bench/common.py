@@ -446,7 +446,7 @@ class StepSpec:
     checkpointing: bool = False  # activation checkpointing of every encoder layer
     compile: bool = False  # torch.compile of the model (DeepSpeed engine.compile)
     precision: str = "fp32"  # fp32 | bf16
-    # bf16 runs at ZeRO-1 with fp32 gradient accumulation, the path of the shipped
+    # bf16 at ZeRO-1 gets fp32 gradient accumulation, the path of the shipped
     # ds_configs/zero1_bf16.json (DeepSpeed's BF16_Optimizer; one rank partitions nothing). bf16 at
     # ZeRO-0 goes through DeepSpeed's FP16_Optimizer instead, which accumulates in bf16 and checks
     # every gradient tensor for inf/NaN with a host sync of its own (508 per base-model step).
