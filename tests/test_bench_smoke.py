@@ -130,7 +130,7 @@ def test_results_saved_elsewhere_update_the_doc_block(bench_common, tmp_path, ca
     assert text.startswith("head\n<!-- bench:gpu:begin -->\nMachine: x (16 cores") and text.endswith("tail\n")
     assert "old" not in text and "GPU 1 x NVIDIA H200" in text
     assert "| 6layer | 64 | bf16 | 5,000 |" in text and "| 6layer | 64 | compile | 7,000 |" in text
-    assert "| 6layer | 64 | bf16 | 1.00 |" not in text and "- compile: one call of its own" in text
+    assert "| 6layer | 64 | bf16 | 1.00 |" not in text and "- rows from b.json: compile: one call of its own" in text
     assert "`python bench/run.py --quick --gpu`; `python bench/model_step.py --gpu`" in text
     with pytest.raises(SystemExit, match="not a bench result file"):
         run.main(["--from-json", str(doc)])
