@@ -44,8 +44,9 @@ import common as C  # noqa: E402
 
 VARIANTS = ("bf16_zero0", "bf16_ar", "bf16", "bf16_pinned", "fp32", "fp32_tf32")
 PHASES = ("to_device", "forward", "backward", "step")
-LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
-                "cudaLaunchCooperativeKernel", "cudaGraphLaunch")
+# Runtime / driver API calls as CUPTI names them (cudaLaunchKernel, cudaLaunchKernelExC, cuLaunchKernelEx,
+# cudaGraphLaunch, ...): matched by prefix, the set differs between CUDA versions.
+LAUNCH_PREFIXES = ("cudaLaunch", "cuLaunch", "cudaGraphLaunch")
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")  # a device->host read each, on a GPU
 
@@ -138,7 +139,7 @@ def summarize(prof, steps: int, gpu: bool) -> dict:
     launches, syncs, sync_ops = Counter(), Counter(), Counter()
     aten_top = []
     for e in host:
-        if e.name in LAUNCH_CALLS:
+        if e.name.startswith(LAUNCH_PREFIXES):
             launches[phase_of(e) or "other"] += 1
         elif e.name in SYNC_CALLS:
             syncs[phase_of(e) or "other"] += 1
