@@ -501,6 +501,8 @@ def run(cfg: MultiTaskConfig, settings, env: DistEnv, *, cli_tasks: str | None =
     if cfg.model.init_from:
         cfg.model.init_from = _init_from_checkpoint(cfg.model.init_from, run_dir, env)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    if cfg.train.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     model = build_task_model(cfg.model)
     tokenizer = load_tokenizer(cfg.data.vocab or None)
     families = {t.name: build_family(t, tokenizer) for t in chosen}
