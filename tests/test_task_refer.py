@@ -101,6 +101,25 @@ def test_reader_reads_unc_and_umd_splits(refer_root):
         fam.read_annotations("testC")
 
 
+def test_released_root_without_refcoco_files_reads_the_annotations(refer_root, tmp_path):
+    """A released root that lacks refcoco/ leaves the annotations' refs and instances in use (as for
+    every absent released file); one that has them is preferred."""
+    import dataclasses
+    import shutil
+
+    _, registry = refer_root
+    cfg = registry["refcoco"]
+    expected = len(build_family(cfg).read_annotations("train"))
+    empty = dataclasses.replace(cfg, released=str(tmp_path / "datasets" / "refcoco"))
+    assert build_family(empty).refer_root == cfg.annotations
+    assert len(build_family(empty).read_annotations("train")) == expected
+    released = tmp_path / "datasets" / "refcoco" / "refcoco"
+    released.mkdir(parents=True)
+    for name in ("refs(unc).p", "instances.json"):
+        shutil.copy(f"{cfg.annotations}/{name}", released / name)
+    assert build_family(empty).refer_root == str(released)
+
+
 # ------------------------------------------------------------------------------ targets, loss, metric
 def test_region_rows_and_iou_targets_hand_computed(refer_root, tokenizer):
     _, registry = refer_root

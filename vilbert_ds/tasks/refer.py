@@ -40,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..data import storage
 from .base import TaskBatch, TaskExample, TaskFamily, collate_rows, join_path, pad_stack, read_json
 from .grounding import GT_SLOT, iou_targets, region_rows, xywh_to_xyxy
 from .released import load_plain_pickle
@@ -80,10 +81,13 @@ class ReferFamily(TaskFamily):
 
     @property
     def refer_root(self) -> str:
-        """Where `refs(*).p` and `instances.json` are: the task's annotations directory, or with
-        released files the original's layout `{released}/{refcoco|refcoco+|refcocog}/`."""
+        """Where `refs(*).p` and `instances.json` are: with released files the original's layout
+        `{released}/{refcoco|refcoco+|refcocog}/` when it holds them, else (as for every released
+        file that is absent) the task's annotations directory."""
         if self.config.released:
-            return join_path(self.config.released, REFER_FORMATS[self.config.format][0])
+            root = join_path(self.config.released, REFER_FORMATS[self.config.format][0])
+            if storage.exists(join_path(root, self.refs_file)):
+                return root
         return self.config.annotations
 
     def read_annotations(self, split: str) -> list[TaskExample]:
