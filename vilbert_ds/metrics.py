@@ -168,27 +168,30 @@ class ThroughputMeter:
     """Counts samples/tokens and time between `report()` calls; splits time into data wait and
     compute. Per-rank numbers; multiply by world size (or all-reduce) for totals.
 
-    Usage: `meter.wait(seconds)` when the loader blocked, `meter.step(samples, tokens)` after
-    each optimizer step, `meter.report()` -> dict of rates since the last report.
+    Usage: `meter.wait(seconds)` when the loader blocked, `meter.step(samples, tokens[, flops])`
+    after each iteration (flops default to samples x `flops_per_sample`), `meter.report()` ->
+    dict of rates since the last report.
     """
 
     flops_per_sample: float = 0.0  # training FLOPs of one sample (FlopCount.train)
     _t0: float = field(default_factory=time.perf_counter)
     _samples: int = 0
     _tokens: int = 0
+    _flops: float = 0.0
     _steps: int = 0
     _wait: float = 0.0
 
     def wait(self, seconds: float) -> None:
         self._wait += seconds
 
-    def step(self, samples: int, tokens: int) -> None:
+    def step(self, samples: int, tokens: int, flops: float | None = None) -> None:
         self._samples += samples
         self._tokens += tokens
+        self._flops += samples * self.flops_per_sample if flops is None else flops
         self._steps += 1
 
     def reset(self) -> None:
-        self._t0, self._samples, self._tokens, self._steps, self._wait = time.perf_counter(), 0, 0, 0, 0.0
+        self._t0, self._samples, self._tokens, self._flops, self._steps, self._wait = time.perf_counter(), 0, 0, 0.0, 0, 0.0
 
     def report(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
@@ -197,7 +200,7 @@ class ThroughputMeter:
             "tokens_per_s": self._tokens / elapsed,
             "step_s": elapsed / max(self._steps, 1),
             "data_wait_frac": min(self._wait / elapsed, 1.0),
-            "tflops": self._samples * self.flops_per_sample / elapsed / 1e12,
+            "tflops": self._flops / elapsed / 1e12,
         }
         self.reset()
         return out
