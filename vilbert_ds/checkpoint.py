@@ -272,12 +272,30 @@ def _barrier() -> None:
 
 
 # ================================================================================ export
-def consolidated_model(spec: str | os.PathLike):
-    """(model config, fp32 state dict, where) of a checkpoint (any ZeRO stage, any number of
-    ranks; a run directory, its checkpoints/ or one checkpoint directory), consolidated in one
-    process without distributed setup. Used by `export_fp32` and `model_factory.get_model`."""
+def load_consolidated(spec: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """(checkpoint dir, meta, fp32 model state without the module prefix) of a checkpoint (any
+    ZeRO stage, any number of ranks; a run, its checkpoints/ or one checkpoint directory). One
+    process, no distributed setup. `model_factory.get_model` reads training checkpoints with it."""
+    from .engine import consolidated_fp32_state
+
+    directory, tag = find_checkpoint(spec)
+    tag_dir = directory / tag
+    meta = read_meta(tag_dir)
+    state = consolidated_fp32_state(directory, tag)
+    prefix = meta.get("module_prefix", "model.")
+    model_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not model_state:
+        raise CheckpointError(f"{tag_dir}: no parameters under {prefix!r} in the checkpoint")
+    return tag_dir, meta, model_state
+
+
+def export_fp32(spec: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Consolidate a checkpoint (any ZeRO stage, any number of ranks) into a vilbert-ds model
+    directory (`config.json` + fp32 `model.safetensors`) that `vilbert_ds.load_model` reads.
+    Runs in one process, no distributed setup."""
     from .engine import consolidated_fp32_state
     from .model import ViLBert, ViLBertConfig
+    from .weights import save_model
 
     directory, tag = find_checkpoint(spec)
     meta = read_meta(directory / tag)
@@ -286,23 +304,12 @@ def consolidated_model(spec: str | os.PathLike):
     model_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not model_state:
         raise CheckpointError(f"{directory / tag}: no parameters under {prefix!r} in the checkpoint")
-    config = ViLBertConfig.from_dict(meta["model_config"], source=str(directory / tag / META))
-    with torch.device("meta"):  # the key set only: no memory, no initialisation
-        own = ViLBert(config).state_dict()
+    model = ViLBert(ViLBertConfig.from_dict(meta["model_config"], source=str(directory / tag / META)))
+    own = model.state_dict()
     missing = [k for k in own if k not in model_state and k != "cls.predictions.decoder.weight"]
     unexpected = [k for k in model_state if k not in own]
     if missing or unexpected:
         raise CheckpointError(f"{directory / tag}: the checkpoint does not match its model config "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model_state.pop("cls.predictions.decoder.weight", None)
-    return config, model_state, str(directory / tag)
-
-
-def export_fp32(spec: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Consolidate a checkpoint into a vilbert-ds model directory (`config.json` + fp32
-    `model.safetensors`) that `vilbert_ds.load_model` reads. Runs in one process."""
-    from .model import ViLBert
-    from .weights import save_model
-
-    config, state, _ = consolidated_model(spec)
-    return save_model(ViLBert(config), out_dir, state=state)
+    return save_model(model, out_dir, state=model_state)

@@ -184,7 +184,7 @@ class TrainConfig:
         """The kind's defaults < `defaults` < the YAML file (or packaged preset) < `overrides`."""
         raw: dict[str, Any] = {}
         apply_overrides(raw, [*KIND_DEFAULTS[kind], *defaults])
-        source = "<defaults>"
+        source = "command line"
         if path:
             p = resolve_config_path(path)
             source = str(p)
@@ -244,11 +244,17 @@ def _typed(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        errors = {}
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _typed(arg, value, key)
-            except ConfigError:
-                continue
+            except ConfigError as e:
+                errors[arg] = e
+        # the member of the value's own shape explains best (a mapping for a section, a list for a list)
+        shaped = [a for a in errors if (isinstance(value, Mapping) and (dataclasses.is_dataclass(a) or
+                  (typing.get_origin(a) or a) is dict)) or (isinstance(value, list) and (typing.get_origin(a) or a) is list)]
+        if len(shaped) == 1:
+            raise errors[shaped[0]]
         raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return value if isinstance(value, tp) else build_typed(tp, value, key)

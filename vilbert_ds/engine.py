@@ -15,6 +15,7 @@ ZeRO treats their gradient as zero.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 import math
@@ -168,7 +169,8 @@ def validate_ds_config(
     for path, keys in _section_keys().items():
         unknown = sorted(k for k in section(path) if k not in keys and not k.startswith("_"))
         for key in unknown:
-            err(f"{path}.{key}", f"not a key of {path} (known: {', '.join(sorted(keys))})")
+            close = difflib.get_close_matches(key, keys, n=3)
+            err(f"{path}.{key}", f"not a key of {path}" + (f" (did you mean {' / '.join(close)}?)" if close else ""))
 
     # ---- batch sizes (DeepSpeed derives the missing one; we check what it would refuse later)
     tb = config.get("train_batch_size")

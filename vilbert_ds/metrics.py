@@ -306,15 +306,23 @@ class WandbSink:
 
 
 class ConsoleSink:
-    """A compact line every `every` logged steps via `logging` (tqdm shows the rest)."""
+    """A compact line per logged row via `logging` (tqdm shows the rest): the pretraining keys,
+    then per task `task[loss score val p]` (training loss and score, validation score, sampling
+    probability)."""
 
     KEYS = ("train/loss", "train/masked_lm_loss", "train/masked_img_loss", "train/alignment_loss",
             "train/alignment_acc", "opt/lr", "perf/samples_per_s", "ckpt/save_s")
+    TASK_KEYS = (("train", "loss"), ("train", "score"), ("val", "score"), ("sampler", "prob"))
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
-        shown = " ".join(f"{k.split('/', 1)[1]}={_fmt(values[k])}" for k in self.KEYS if k in values)
+        shown = [f"{k.split('/', 1)[1]}={_fmt(values[k])}" for k in self.KEYS if k in values]
+        tasks = sorted({k.split("/")[1] for k in values if k.count("/") == 2 and k.startswith(("train/", "val/"))})
+        for task in tasks:
+            parts = [f"{'p' if section == 'sampler' else 'val' if section == 'val' else name}={_fmt(values[key])}"
+                     for section, name in self.TASK_KEYS if (key := f"{section}/{task}/{name}") in values]
+            shown.append(f"{task}[{' '.join(parts)}]")
         if shown:
-            log.info("step %d %s", step, shown)
+            log.info("step %d %s", step, " ".join(shown))
 
     def close(self) -> None:
         pass

@@ -9,8 +9,8 @@
 `overrides` change the config of whatever is loaded (e.g. `with_task_heads=True`);
 `allow_missing` names key prefixes the weights may lack, left at a fresh initialisation (a
 pretrained model's task heads and task tokens when a task run starts from it: `TASK_PARTS`).
-Training checkpoints are consolidated by `checkpoint.consolidated_model` (the same code as
-`vilbert-ds export`), which reads DeepSpeed's files without running code from them.
+Training checkpoints are consolidated by `checkpoint.load_consolidated` (the same code as
+`vilbert-ds export`). `model_config` gives the config `get_model` would build, without building.
 """
 from __future__ import annotations
 
@@ -47,6 +47,27 @@ def source_kind(source: str | os.PathLike) -> str:
                           "or a training run / checkpoint directory")
 
 
+def model_config(source: str | os.PathLike = "", *, config: Any = "base_6layer_6conect", overrides: dict | None = None,
+                 text_from: str = "") -> ViLBertConfig | None:
+    """The config `get_model` builds for the same arguments, without building a model or reading
+    weights (a resume compares it with the checkpoint's before any process group starts). None
+    for an original checkpoint file: its keys decide its heads."""
+    overrides = dict(overrides or {})
+    kind = source_kind(source)
+    if kind == "fresh":
+        return _text_config(text_from, config, overrides)[1] if text_from else resolve_config(config, **overrides)
+    if kind == "original":
+        return None
+    if kind == "model_dir":
+        cfg = ViLBertConfig.from_json(Path(source) / CONFIG_NAME)
+    else:
+        from .checkpoint import META, find_checkpoint, read_meta
+
+        directory, tag = find_checkpoint(source)
+        cfg = ViLBertConfig.from_dict(read_meta(directory / tag)["model_config"], source=str(directory / tag / META))
+    return cfg.replace(**overrides) if overrides else cfg
+
+
 def get_model(source: str | os.PathLike = "", *, config: Any = "base_6layer_6conect", overrides: dict | None = None,
               text_from: str = "", allow_missing: Sequence[str] = ()) -> ViLBert:
     """The model of `source` (module docstring); `config` is used by fresh models and original
@@ -54,41 +75,45 @@ def get_model(source: str | os.PathLike = "", *, config: Any = "base_6layer_6con
     overrides = dict(overrides or {})
     kind = source_kind(source)
     missing: bool | list[str] = list(allow_missing) or False
+    if kind == "fresh" and text_from:
+        path, cfg = _text_config(text_from, config, overrides)
+        model = ViLBert(cfg)
+        report = load_hf_bert(model, path)
+        log.info("text stream initialised from %s (%d tensors kept their init)", path, len(report.missing))
+        return model
     if kind == "fresh":
-        return _with_text_stream(text_from, config, overrides) if text_from else ViLBert(resolve_config(config, **overrides))
+        return ViLBert(resolve_config(config, **overrides))
     if kind == "original":
         heads = overrides.pop("with_task_heads", None)
         model = from_original(source, resolve_config(config, **overrides), allow_missing=missing, task_heads=heads)
         report = model.load_report
     else:
         if kind == "model_dir":
-            cfg = ViLBertConfig.from_json(Path(source) / CONFIG_NAME)
             state, where = load_file(str(Path(source) / WEIGHTS_NAME)), str(Path(source) / WEIGHTS_NAME)
         else:
-            from .checkpoint import consolidated_model
+            from .checkpoint import load_consolidated
 
-            cfg, state, where = consolidated_model(source)
-        model = ViLBert(cfg.replace(**overrides) if overrides else cfg)
+            tag_dir, _, state = load_consolidated(source)
+            where = str(tag_dir)
+        model = ViLBert(model_config(source, overrides=overrides))
         report = load_into(model, state, allow_missing=missing, source=where)
     if report.missing:
         log.info("from %s: %d tensors start fresh (%s ...)", source, len(report.missing), report.missing[:3])
     return model
 
 
-def _with_text_stream(text_from: str, config: Any, overrides: dict) -> ViLBert:
-    """A fresh model whose text stream (and MLM head) comes from a local HF BERT directory, as the
-    original started from bert-base-uncased. The text sizes follow that checkpoint: overrides of
-    them are dropped (named in the log), the rest of the config stays."""
+def _text_config(text_from: str, config: Any, overrides: dict) -> tuple[Path, ViLBertConfig]:
+    """(HF BERT directory, config) of a model whose text stream (and MLM head) comes from a local
+    HF BERT directory, as the original started from bert-base-uncased. The text sizes follow that
+    checkpoint: overrides of them are dropped (named in the log), the rest of the config stays."""
     if text_from == "minilm":
         from .assets import minilm_dir
 
         path = minilm_dir()
     else:
         path = Path(text_from)
+    overrides = dict(overrides)
     dropped = {k: overrides.pop(k) for k in (*HF_TEXT_CONFIG_KEYS, "num_hidden_layers") if k in overrides}
     if dropped:
         log.info("model.init_text_from=%s sets the text stream's sizes; model.overrides %s not applied", text_from, dropped)
-    model = ViLBert(config_from_hf_bert(path, base=resolve_config(config, **overrides)))
-    report = load_hf_bert(model, path)
-    log.info("text stream initialised from %s (%d tensors kept their init)", path, len(report.missing))
-    return model
+    return path, config_from_hf_bert(path, base=resolve_config(config, **overrides))

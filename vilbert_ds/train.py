@@ -72,6 +72,8 @@ def prepare(args: argparse.Namespace, kind: str, env: DistEnv) -> Job:
     cfg = TrainConfig.load(args.config, above + train_overrides, kind=kind, defaults=defaults)
     settings = validate_ds_config(load_ds_config(args.deepspeed, ds_overrides), source=args.deepspeed,
                                   world_size=env.world_size)
+    if cfg.model.init_from:
+        source_kind(cfg.model.init_from)  # refuses a path that is no model, checkpoint file or run
     job = Job(cfg, settings, plan=None)
     if kind != "pretrain":
         job.tasks = resolve_tasks(cfg, getattr(args, "tasks", None) or getattr(args, "task", None))
@@ -91,8 +93,8 @@ def resolve_tasks(cfg: TrainConfig, spec: str | None) -> list[TaskConfig]:
     try:
         registry = load_registry(cfg.tasks.registry or None, data_root=cfg.tasks.data_root or None)
         chosen = select_tasks(registry, spec or cfg.tasks.names)
-    except KeyError as e:
-        raise ConfigError(f"unknown task {e.args[0] if e.args else e}") from None
+    except KeyError as e:  # the registry's message names the task and the known ones
+        raise ConfigError(e.args[0] if e.args else str(e)) from None
     if not chosen:
         raise ConfigError("no tasks: pass --tasks vqa,gqa,... (or tasks.names in the config)")
     for t in chosen:
@@ -123,27 +125,27 @@ def check_task_shards(cfg: TrainConfig, tasks: list[TaskConfig], micro: dict[str
 
 
 # ======================================================================== build
+def model_spec(cfg: TrainConfig) -> dict:
+    """The arguments of `model_factory.get_model` / `model_config` for this run's model (task runs
+    add task heads and task tokens)."""
+    m = cfg.model
+    heads = {"with_task_heads": True, "task_specific_tokens": True} if cfg.kind != "pretrain" else {
+        "with_task_heads": m.task_heads}
+    return dict(config=m.config, overrides={**heads, **m.overrides}, text_from=m.init_text_from)
+
+
 def build_model(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> ViLBert:
-    """The model to train, initialised as configured (`model_factory.get_model`). Task runs add
-    task heads and task tokens; those a checkpoint lacks start fresh. A training run or
-    checkpoint to start from is exported once (main rank) to run_dir/init_model."""
-    m, tasks = cfg.model, cfg.kind != "pretrain"
-    overrides = {"with_task_heads": True, "task_specific_tokens": True} if tasks else {"with_task_heads": m.task_heads}
-    source = m.init_from
+    """The model to train, initialised as configured (`model_factory.get_model`); task heads and
+    task tokens a starting model lacks start fresh. A training run or checkpoint to start from is
+    exported once (main rank) to run_dir/init_model, which every rank then reads."""
+    source = cfg.model.init_from
     if source and source_kind(source) == "checkpoint":
         source = str(run_dir / "init_model")
         if env.is_main and not (run_dir / "init_model" / "model.safetensors").exists():
-            export_fp32(m.init_from, source)
-        _barrier(env)
-    return get_model(source, config=m.config, overrides={**overrides, **m.overrides}, text_from=m.init_text_from,
-                     allow_missing=TASK_PARTS if tasks else ())
-
-
-def _barrier(env: DistEnv) -> None:
-    import torch.distributed as dist
-
-    if env.world_size > 1 and dist.is_available() and dist.is_initialized():
-        dist.barrier()
+            export_fp32(cfg.model.init_from, source)
+        if env.world_size > 1:
+            torch.distributed.barrier()  # the export is complete before any rank reads it
+    return get_model(source, **model_spec(cfg), allow_missing=TASK_PARTS if cfg.kind != "pretrain" else ())
 
 
 def run(job: Job, env: DistEnv, loader_factory=None) -> int:

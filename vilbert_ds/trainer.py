@@ -120,8 +120,6 @@ class Trainer:
         self._counts: dict[tuple[str, str], float] = {}  # (stream, "#micro") and ("", "#updates") on the host
         self._grad_norm = torch.zeros(())
         self._sample_log = None
-        self.first_logged: dict[str, float] = {}
-        self.last_logged: dict[str, float] = {}
 
     @property
     def epoch(self) -> int:
@@ -351,34 +349,24 @@ class Trainer:
                 row[f"train/{name}/updates"] = float(self.state.updates[name])
                 row[f"sampler/{name}/prob"] = probs[name]
                 row[f"sampler/{name}/stopped"] = float(stopped[name])
-        lrs = self.schedule.get_last_lr()
-        row["opt/lr"] = max(lrs)
+        lrs, per_rank = self.schedule.get_last_lr(), 1.0 / self.world_size
+        row.update({"opt/lr": max(lrs), "perf/samples_per_s": sps, "perf/samples_per_s_per_rank": sps * per_rank,
+                    "perf/tokens_per_s": tps, "perf/tokens_per_s_per_rank": tps * per_rank,
+                    "perf/data_wait_frac": wait * per_rank, "perf/step_s": rates["step_s"],
+                    "mem/peak_gib_per_rank": mem * per_rank, "run/epoch": self.epoch,
+                    "run/samples_seen": self.state.samples_seen, "run/restart_count": self.restart_count})
         if min(lrs) != max(lrs):
             row["opt/lr_min_group"] = min(lrs)
-        row["perf/samples_per_s"] = sps
-        row["perf/samples_per_s_per_rank"] = sps / self.world_size
-        row["perf/tokens_per_s"] = tps
-        row["perf/tokens_per_s_per_rank"] = tps / self.world_size
-        row["perf/data_wait_frac"] = wait / self.world_size
-        row["perf/step_s"] = rates["step_s"]
         if self.opt.flops_per_sample:
-            row["perf/tflops_per_rank"] = tflops / self.world_size
-            row["perf/tflops"] = tflops
+            row.update({"perf/tflops": tflops, "perf/tflops_per_rank": tflops * per_rank})
             if self.opt.peak_tflops:
-                row["perf/mfu"] = tflops / self.world_size / self.opt.peak_tflops
-        row["mem/peak_gib_per_rank"] = mem / self.world_size
-        row["run/epoch"] = self.epoch
-        row["run/samples_seen"] = self.state.samples_seen
-        row["run/restart_count"] = self.restart_count
+                row["perf/mfu"] = tflops * per_rank / self.opt.peak_tflops
         row.update(extra)
         self.logger.log(self.state.step, row)
         if bar is not None:
             losses = {k.split("/")[-2] if self.opt.stream_keys else "loss": v for k, v in row.items()
                       if k.startswith("train/") and k.endswith("/loss")}
             bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()}, refresh=False)
-        if not self.first_logged:
-            self.first_logged = dict(row)
-        self.last_logged = dict(row)
         self._sums, self._counts = {}, {}
 
     def _write_samples(self, keys: list[str]) -> None:
