@@ -12,6 +12,7 @@ import pytest
 
 from fixtures.tasks import write_task_ds_config
 from fixtures.training import REPO, write_ds_config
+from vilbert_ds.config import UNUSED_KEYS
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,12 @@ def test_ds_override_values_are_yaml_typed(files):
         cfg = load_ds_config(path, [f"bf16.enabled={text}"])
         assert validate_ds_config(cfg, source=str(path), world_size=1, accelerator="cuda").precision == precision, text
     assert load_ds_config(path, ["optimizer.params.lr=2e-5"])["optimizer"]["params"]["lr"] == 2e-5  # a number
+
+
+@pytest.mark.parametrize("kind, key", [(k, key) for k, keys in UNUSED_KEYS.items() for key in keys])
+def test_every_key_a_kind_does_not_read_is_refused_by_name(kind, key):
+    from vilbert_ds.config import ConfigError, TrainConfig
+
+    override = "tasks.names=vqa" if key == "tasks" else f"{key}=1"
+    with pytest.raises(ConfigError, match=rf"{key} is not read by a {kind} run"):
+        TrainConfig.load(None, ["data.train=/x/manifest.json"] * (kind == "pretrain") + [override], kind=kind)

@@ -33,7 +33,8 @@ def test_every_task_trains_evaluates_and_finetunes(synthetic_tasks, tmp_path):
     run = tmp_path / "mt"
     cfg = write_multitask_config(tmp_path / "mt.yaml", synthetic_tasks, run, list(ALL_TASKS),
                                  train={"total_steps": 4, "save_every": 2}, metrics={"peak_tflops": 1.0})
-    ds = write_task_ds_config(tmp_path / "ds.json", stage=2)
+    # 2 accumulation steps: each task update runs 2 micro-batches of 4 / (1 rank x 2) examples
+    ds = write_task_ds_config(tmp_path / "ds.json", stage=2, gradient_accumulation_steps=2)
     out = run_training(1, ["--tasks", ",".join(ALL_TASKS), "--config", str(cfg), "--deepspeed", str(ds)],
                        entry=MULTITASK, timeout=300).stdout
     assert "final validation" in out, out[-3000:]
@@ -51,6 +52,10 @@ def test_every_task_trains_evaluates_and_finetunes(synthetic_tasks, tmp_path):
     assert any(f"val/{t}/score" in r for r in rows for t in ALL_TASKS)  # evaluations during training happened
     logged = [r for r in rows if "train/vqa/updates" in r][-1]
     assert PRETRAIN_PERF_KEYS <= set(logged), PRETRAIN_PERF_KEYS - set(logged)  # as visible as pretraining
+    assert logged["run/samples_seen"] == 4 * len(ALL_TASKS) * 4  # iterations x tasks x global batch
+    from vilbert_ds.commands.plot import plot_run
+
+    assert plot_run(run).stat().st_size > 10_000  # a panel per metric family, a line per task
     # evaluation CLI on a test split (no labels: predictions only), straight from the run checkpoint
     from vilbert_ds.evaluate import run_eval
 

@@ -165,12 +165,13 @@ class TrainConfig:
             raise ConfigError(f"{source}: unknown sections {unknown}; valid: {list(SECTIONS)}")
         for key in UNUSED_KEYS[kind]:
             section, _, name = key.partition(".")
-            if section in raw and (not name or name in (raw[section] or {})):
+            if section in raw and (not name or (isinstance(raw[section], Mapping) and name in raw[section])):
                 raise ConfigError(f"{source}: {key} is not read by a {kind} run; remove it")
+        raw = {k: {} if v is None else v for k, v in raw.items()}  # an empty section in YAML is null
         if kind != "pretrain":
-            raw = {**raw, "tasks": raw.get("tasks") or {}}
+            raw.setdefault("tasks", {})
         try:
-            cfg = build_typed(cls, {k: v or {} for k, v in raw.items()}, "")
+            cfg = build_typed(cls, raw, "")
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         if kind == "pretrain" and not cfg.data.train:
