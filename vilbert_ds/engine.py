@@ -100,9 +100,10 @@ def load_ds_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> di
     return config
 
 
-# Keys of the optimizer's params DeepSpeed passes on to FusedAdam / DeepSpeedCPUAdam (or pops).
+# Keys of the optimizer's params DeepSpeed passes on to FusedAdam / DeepSpeedCPUAdam or, with
+# torch_adam, to torch.optim.AdamW (or pops itself).
 ADAM_PARAMS = {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode", "bias_correction", "amsgrad",
-               "fp32_optimizer_states", "set_grad_none"}
+               "fp32_optimizer_states", "set_grad_none", "fused", "foreach", "maximize", "capturable", "differentiable"}
 ACTIVATION_CHECKPOINTING_KEYS = {"partition_activations", "contiguous_memory_optimization", "cpu_checkpointing",
                                  "number_checkpoints", "synchronize_checkpoint_boundary", "profile"}
 
