@@ -212,8 +212,8 @@ def main(args: argparse.Namespace) -> int:
     from .plot import plot_run
 
     pngs = [plot_run(run_dir), plot_run(tasks_run)]
-    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's consolidation narrates on stdout
-        model_dir = export_fp32(run_dir, out / "model")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        model_dir = export_fp32(run_dir, out / "model")  # DeepSpeed's consolidation narrates and draws a bar
     _summary(out, run_dir, tasks_run, registry, ranks)
     print()
     print(f"  shards       {manifest.parent}")
