@@ -4,6 +4,8 @@ Python API:
     build_model(config_json_or_preset)       a freshly initialised ViLBert
     from_original(state_dict_or_path, cfg)   convert an original checkpoint in memory
     load_model(directory)                    load a vilbert-ds model directory
+    get_model(source, config=...)            fresh, model directory, original checkpoint or training
+                                             run: the one model source of training, eval and export
     save_model(model, directory)             write config.json + model.safetensors
 """
 from .model import ViLBert, ViLBertConfig, ViLBertOutput, count_parameters, resolve_config
@@ -18,6 +20,8 @@ from .weights import (
     to_original,
 )
 
+from .model_factory import get_model  # noqa: E402 - above weights and checkpoint
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -29,6 +33,7 @@ __all__ = [
     "config_from_hf_bert",
     "count_parameters",
     "from_original",
+    "get_model",
     "load_hf_bert",
     "load_model",
     "resolve_config",
