@@ -26,10 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 import model_step  # noqa: E402 - measures the plain step with the others; this question reads its table
-from model_step import eval_loss  # noqa: E402,F401 - the loss check, re-exported
 
 CPU_BATCH = {"tiny": 16, "base_2layer_2conect": 4, "base_6layer_6conect": 4}
 GPU_BATCH = {"tiny": 128, "base_2layer_2conect": 64, "base_6layer_6conect": 64}
+eval_loss = model_step.eval_loss  # the loss check, re-exported (tests/test_bench_smoke.py)
 
 
 def run(quick: bool = True, gpu: bool = False, *, configs=None, shapes=None, batch: int | None = None,
