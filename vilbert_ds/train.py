@@ -243,9 +243,11 @@ def run(job: Job, env: DistEnv, loader_factory=None) -> int:
                       zero_stage=settings.zero_stage)
     if job.plan is not None:
         trainer.resume(job.plan)
-    log.info("%s: %s on %d ranks (%s), micro-batches %s x %d accumulation, %d steps of %d per epoch (%d done), "
+    # a step is one optimizer update in pretraining, one iteration over the sampled tasks otherwise
+    unit = "updates" if kind == "pretrain" else "iterations"
+    log.info("%s: %s on %d ranks (%s), micro-batches %s x %d accumulation, %d %s (%d done), %d per epoch, "
              "sampler %s, ZeRO-%d %s, restart %d", kind, list(streams), env.world_size, env.launcher, micro,
-             sizes.accumulation, total, iters_per_epoch, trainer.state.step, sampler.kind, settings.zero_stage,
+             sizes.accumulation, total, unit, trainer.state.step, iters_per_epoch, sampler.kind, settings.zero_stage,
              settings.precision, env.restart_count)
     try:
         status = trainer.fit()
