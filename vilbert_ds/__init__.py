@@ -5,6 +5,7 @@ Python API:
     from_original(state_dict_or_path, cfg)   convert an original checkpoint in memory
     load_model(directory)                    load a vilbert-ds model directory
     save_model(model, directory)             write config.json + model.safetensors
+    Predictor.from_pretrained(directory)     ask the model: answers, classes, boxes, rankings, embeddings
 """
 from .model import ViLBert, ViLBertConfig, ViLBertOutput, count_parameters, resolve_config
 from .weights import (
@@ -17,11 +18,14 @@ from .weights import (
     save_model,
     to_original,
 )
+from .predict import Predictor, Query  # noqa: E402 - above the model and weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "Predictor",
+    "Query",
     "ViLBert",
     "ViLBertConfig",
     "ViLBertOutput",
