@@ -304,6 +304,44 @@ def test_retrieval_scores_match_eval_ranking(registry_path, registry, task_model
         pytest.approx(sorted(expected[:, column].tolist(), reverse=True), abs=1e-5)
 
 
+def write_cc_lmdb(path, records) -> str:
+    """The original CC LMDB layout (tensorpack LMDBSerializer: msgpack lists under %08d keys, `__keys__`)."""
+    import lmdb
+
+    from vilbert_ds.data.formats import msgpack_dumps
+
+    env = lmdb.open(str(path), subdir=False, map_size=1 << 26)
+    keys = [f"{i:08}".encode() for i in range(len(records))]
+    with env.begin(write=True) as txn:
+        for key, r in zip(keys, records):
+            txn.put(key, msgpack_dumps([r.features, np.zeros((r.num_boxes, 1601), np.float32), r.boxes,
+                                        str(r.num_boxes), str(r.image_h), str(r.image_w), r.image_id, "a caption"]))
+        txn.put(b"__keys__", msgpack_dumps(keys))
+    env.close()
+    return str(path)
+
+
+def test_every_input_format_gives_the_shard_sample(registry, tmp_path):
+    """A TSV row, an .npz, both LMDB layouts and the shard set give the regions the shard holds."""
+    from vilbert_ds.predict import read_image
+
+    feats = registry["vqa"].features["regions"]
+    samples = list(iter_feature_samples(feats))[:3]
+    records = [feature_record(registry, feats, s.meta["image_id"]) for s in samples]
+    target = samples[1]
+    image_id = target.meta["image_id"]
+    specs = [f"{write_tsv(tmp_path / 'f.tsv', records)}#{image_id}",
+             write_npz(tmp_path / f"{image_id}.npz", records[1]),
+             f"{write_cc_lmdb(tmp_path / 'cc.lmdb', records)}#{image_id}", f"{tmp_path / 'cc.lmdb'}#00000001",
+             f"{write_pickle_lmdb(tmp_path / 'p.lmdb', records)}#{image_id}",
+             f"{feats}#{image_id}", f"{feats}#{target.key}"]
+    for spec in specs:
+        got = read_image(spec, trust_pickle=True)
+        assert got.meta["image_id"] == image_id and (got.meta["image_w"], got.meta["image_h"]) == \
+            (target.meta["image_w"], target.meta["image_h"]), spec
+        assert np.array_equal(got.features, target.features) and np.array_equal(got.boxes, target.boxes), spec
+
+
 # ------------------------------------------------------------------------------ API, embeddings
 def test_batched_api_embeddings_and_devices(registry_path, registry, task_model, pretrained_model, tmp_path, capsys):
     cfg = registry["snli_ve"]

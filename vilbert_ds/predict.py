@@ -368,10 +368,13 @@ class RankingResult:
     captions: list[str]
     image_ids: list[str]
     scores: np.ndarray  # [captions, images] float32
+    # the caption a pretraining shard sample stores with its image (None elsewhere): shows what a hit is
+    image_captions: list[str | None] = field(default_factory=list)
 
-    def images_for(self, caption: int, top_k: int = 5) -> list[tuple[str, float]]:
+    def images_for(self, caption: int, top_k: int = 5) -> list[tuple[int, float]]:
+        """(image index, score) of the best `top_k` images for caption `caption`."""
         order = np.argsort(-self.scores[caption], kind="stable")[:top_k]
-        return [(self.image_ids[j], float(self.scores[caption, j])) for j in order]
+        return [(int(j), float(self.scores[caption, j])) for j in order]
 
     def captions_for(self, image: int, top_k: int = 5) -> list[tuple[str, float]]:
         order = np.argsort(-self.scores[:, image], kind="stable")[:top_k]
@@ -380,8 +383,9 @@ class RankingResult:
     def to_dict(self, top_k: int = 5) -> dict[str, Any]:
         return {"task": self.task, "head": self.head, "captions": self.captions, "image_ids": self.image_ids,
                 "scores": self.scores.round(6).tolist(),
-                "text_to_image": [{"caption": c, "images": [{"image_id": i, "score": round(s, 6)}
-                                                            for i, s in self.images_for(k, top_k)]}
+                "image_captions": self.image_captions,
+                "text_to_image": [{"caption": c, "images": [{"image_id": self.image_ids[j], "score": round(s, 6)}
+                                                            for j, s in self.images_for(k, top_k)]}
                                   for k, c in enumerate(self.captions)],
                 "image_to_text": [{"image_id": img, "captions": [{"caption": c, "score": round(s, 6)}
                                                                  for c, s in self.captions_for(k, top_k)]}
@@ -870,4 +874,5 @@ class Predictor:
         scores = torch.stack([metric.columns[str(i)] for i in range(len(samples))], dim=1)
         scores = scores[[row[str(c)] for c in range(len(captions))]]
         return RankingResult(family.name, "alignment" if zero_shot else "vil_logit", list(captions),
-                             [_image_id(s) for s in samples], scores.numpy().astype(np.float32))
+                             [_image_id(s) for s in samples], scores.numpy().astype(np.float32),
+                             [s.meta.get("caption") for s in samples])

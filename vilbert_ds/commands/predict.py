@@ -106,8 +106,9 @@ def _print_ranking(r, top_k: int) -> None:
     if len(r.captions) <= len(r.image_ids):
         for c, caption in enumerate(r.captions):
             print(f'"{caption}": best images')
-            for image, score in r.images_for(c, top_k):
-                print(f"  {score:8.4f}  image {image}")
+            for j, score in r.images_for(c, top_k):
+                stored = f'  (its caption: "{r.image_captions[j]}")' if r.image_captions[j] else ""
+                print(f"  {score:8.4f}  image {r.image_ids[j]}{stored}")
     else:
         for i, image in enumerate(r.image_ids):
             print(f"image {image}: best captions")
