@@ -446,6 +446,10 @@ class StepSpec:
     checkpointing: bool = False  # activation checkpointing of every encoder layer
     compile: bool = False  # torch.compile of the model (DeepSpeed engine.compile)
     precision: str = "fp32"  # fp32 | bf16
+    # bf16 at ZeRO-1 gets fp32 gradient accumulation, the path of the shipped
+    # ds_configs/zero1_bf16.json (DeepSpeed's BF16_Optimizer; one rank partitions nothing). bf16 at
+    # ZeRO-0 goes through DeepSpeed's FP16_Optimizer instead, which accumulates in bf16 and checks
+    # every gradient tensor for inf/NaN with a host sync of its own (508 per base-model step).
     zero_stage: int = 0
     plain: bool = False  # the straightforward implementation (no DeepSpeed)
     gpu: bool = False
@@ -478,6 +482,8 @@ def ds_config(spec: StepSpec, *, lr: float = 1e-4) -> dict[str, Any]:
     }
     if spec.precision == "bf16":
         config["bf16"] = {"enabled": True}
+        if spec.zero_stage == 1:  # as ds_configs/zero1_bf16.json
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     if spec.checkpointing:
         config["activation_checkpointing"] = {}
     return config

@@ -306,7 +306,8 @@ def run(images: int = 256, boxes: int = 36, batch: int = 32, repeats: int = 3, s
         inputs = write_tsv(str(root / "in"), SyntheticSpec(num_images=images, num_boxes=boxes, seed=0))
         shard_dir = root / "shards"
         build(TsvInput(inputs["features"]), Captions.load(inputs["captions_cc"]),
-              BuildConfig(output=str(shard_dir), prefix="cc", max_count=math.ceil(images / 4), progress=False))
+              BuildConfig(output=str(shard_dir), prefix="cc", max_count=math.ceil(images / 4), progress=False,
+                          rebuild=True))  # inputs rewritten on every run
         shutil.rmtree(root / "in")
         manifest = load_source(str(shard_dir / "manifest.json"), {})
         tars = [shard_dir / s.name for s in manifest.shards]

@@ -11,9 +11,11 @@ activation checkpointing, eager PyTorch) measured in the same interleaved rounds
   eager        the original's explicit masked softmax attention
   torch_adamw  torch.optim.AdamW (its default implementation) instead of DeepSpeed FusedAdam
   ckpt         activation checkpointing of every encoder layer (DeepSpeed's checkpoint function)
-  bf16         DeepSpeed bf16 (bf16 weights/activations, fp32 master weights and grad accumulation)
+  bf16         DeepSpeed bf16 (bf16 weights/activations, fp32 master weights and grad accumulation):
+               ZeRO-1 as ds_configs/zero1_bf16.json (BF16_Optimizer); until 2026-12-04 ZeRO-0
+               (FP16_Optimizer: bf16 accumulation, a host sync per gradient tensor)
   compile      torch.compile of the model (DeepSpeed engine.compile)
-The step is the one `vilbert_ds.pretrain` runs (DeepSpeed engine, ZeRO-0, 1 rank, clipping 1.0);
+The step is the one `vilbert_ds.pretrain` runs (DeepSpeed engine, ZeRO-0 (bf16: ZeRO-1), 1 rank, clipping 1.0);
 at VQA shapes it is the VL-classifier fine-tuning step (task token, VQA head, BCE x 3129).
 """
 from __future__ import annotations
@@ -77,7 +79,7 @@ def spec_for(variant: str, base: C.StepSpec) -> C.StepSpec:
     return {
         "baseline": base, "eager": base, "ckpt": base,
         "torch_adamw": replace(base, optimizer="torch_adamw"),
-        "bf16": replace(base, precision="bf16"),
+        "bf16": replace(base, precision="bf16", zero_stage=1),  # the shipped zero1_bf16.json path (StepSpec)
         "compile": replace(base, compile=True),
         "plain": replace(base, plain=True),
     }[variant]

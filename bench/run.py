@@ -112,7 +112,11 @@ def run_suite(quick: bool, gpu: bool, only: tuple[str, ...] = QUESTIONS, s3: boo
 
 
 def merge_results(paths: list[str]) -> tuple[dict, str, list[C.Table]]:
-    """(machine of the first file, the files' commands joined, their tables merged by title)."""
+    """(machine of the first file, the files' commands joined, their tables merged by title).
+
+    A note that a later file adds to a table an earlier file began speaks for that file's rows
+    only, and says so (`rows from b512.json: ...`). Merged rows are ordered by config, shape and
+    batch where the table has those columns (a file's own order otherwise)."""
     info, commands, merged = None, [], {}
     for path in paths:
         machine, command, tables = C.load_json(path)
@@ -120,10 +124,18 @@ def merge_results(paths: list[str]) -> tuple[dict, str, list[C.Table]]:
         if command not in commands:
             commands.append(command)
         for table in tables:
+            began = table.title not in merged
             into = merged.setdefault(table.title, C.Table(table.title, table.columns, notes=list(table.notes)))
             keys = {_row_key(into, r) for r in into.rows}
             into.rows += [r for r in table.rows if _row_key(into, r) not in keys]
-            into.notes += [n for n in table.notes if n not in into.notes]
+            for note in table.notes:
+                if note not in into.notes and not began:
+                    note = f"rows from {Path(path).name}: {note}"
+                if note not in into.notes:
+                    into.notes.append(note)
+    for table in merged.values():
+        order = [c for c in ("config", "shape", "batch") if c in table.columns]
+        table.rows.sort(key=lambda r: tuple((0, r[c]) if r.get(c) is not None else (1, 0) for c in order))
     return info, "`; `".join(commands), list(merged.values())
 
 

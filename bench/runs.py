@@ -38,7 +38,8 @@ def prepare_shards(root: Path, *, images: int = 96, boxes: int = 36) -> Path:
 
     inputs = write_tsv(str(root / "in"), SyntheticSpec(num_images=images, num_boxes=boxes, seed=0))
     build(TsvInput(inputs["features"]), Captions.load(inputs["captions_cc"]),
-          BuildConfig(output=str(root / "shards"), prefix="cc", max_count=max(8, images // 4), progress=False))
+          BuildConfig(output=str(root / "shards"), prefix="cc", max_count=max(8, images // 4), progress=False,
+                      rebuild=True))  # inputs rewritten: replace a half-built set of an earlier run
     return manifest
 
 

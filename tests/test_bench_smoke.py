@@ -31,16 +31,20 @@ def _params(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def test_single_rank_zero0_without_the_self_allreduce_is_bitwise_identical(bench_common):
-    """engine.build_engine skips DeepSpeed's gradient all-reduce on one ZeRO-0 rank (a copy of
-    every gradient into a bucket and back): the trajectory must not change by one bit."""
+@pytest.mark.parametrize("precision,stage", [("fp32", 0), ("bf16", 1)])
+def test_single_rank_without_the_self_allreduce_is_bitwise_identical(bench_common, precision, stage):
+    """engine.build_engine skips DeepSpeed's gradient all-reduce on one rank at ZeRO-0 and under
+    bf16 with fp32 accumulation (BF16_Optimizer, ds_configs/zero1_bf16.json), where it is a copy
+    of every gradient into a bucket and back: the trajectory must not change by one bit."""
     C = bench_common
-    spec = C.StepSpec(config="tiny", batch=4)
+    spec = C.StepSpec(config="tiny", batch=4, precision=precision, zero_stage=stage)
     finals = []
     for allreduce in (True, False):
         with C.quiet_output():
             step = C.build_step(spec, seed=3)
         assert step.holder.enable_backward_allreduce is False  # what build_engine now does
+        if precision == "bf16":
+            assert type(step.holder.optimizer).__name__ == "BF16_Optimizer"
         step.holder.enable_backward_allreduce = allreduce
         torch.manual_seed(11)  # dropout draws
         losses = [step.step() for _ in range(3)]
@@ -126,7 +130,7 @@ def test_results_saved_elsewhere_update_the_doc_block(bench_common, tmp_path, ca
     assert text.startswith("head\n<!-- bench:gpu:begin -->\nMachine: x (16 cores") and text.endswith("tail\n")
     assert "old" not in text and "GPU 1 x NVIDIA H200" in text
     assert "| 6layer | 64 | bf16 | 5,000 |" in text and "| 6layer | 64 | compile | 7,000 |" in text
-    assert "| 6layer | 64 | bf16 | 1.00 |" not in text and "- compile: one call of its own" in text
+    assert "| 6layer | 64 | bf16 | 1.00 |" not in text and "- rows from b.json: compile: one call of its own" in text
     assert "`python bench/run.py --quick --gpu`; `python bench/model_step.py --gpu`" in text
     with pytest.raises(SystemExit, match="not a bench result file"):
         run.main(["--from-json", str(doc)])

@@ -141,6 +141,7 @@ def test_train_config_yaml_overrides_and_errors(tmp_path):
     train, ds = split_overrides(["train.save_every=2", "model.overrides.v_hidden_size=64", "ds.zero_optimization.stage=3"])
     cfg = TrainConfig.load(path, train)
     assert cfg.train.total_steps == 5 and cfg.train.save_every == 2 and cfg.model.overrides == {"v_hidden_size": 64}
+    assert cfg.train.tf32 is False and TrainConfig.load(path, ["train.tf32=true"]).train.tf32 is True
     assert ds == ["zero_optimization.stage=3"]
     assert cfg.optim.bert_lr_scale == 1.0 and cfg.optim.warmup_fraction == 0.1 and cfg.train.seed == 42
     with pytest.raises(ConfigError, match=r"train: unknown keys \['totl_steps'\]"):

@@ -53,6 +53,13 @@ def test_every_task_trains_evaluates_and_finetunes(synthetic_tasks, tmp_path):
     assert result["count"] == 0 and result["split_samples"] == 8
     test_preds = json.loads((tmp_path / "ev" / "vqa_test_predictions.json").read_text())
     assert len(test_preds) == 8 and all(p["answer"] in {"red", "blue", "green", "yes", "no"} for p in test_preds)
+    # the run's label maps (what its answer heads mean) travel into the exported model directory
+    from vilbert_ds.cli import main as cli
+
+    maps = json.loads((run / "label_maps.json").read_text())["tasks"]
+    assert maps["genomeqa"]["answers"] == maps["vqa"]["answers"] and maps["gqa"]["head"] == "vil_prediction_gqa"
+    assert cli(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    assert json.loads((tmp_path / "exported" / "label_maps.json").read_text())["tasks"] == maps
     # fine-tune one task from the multi-task run (exported to fp32 first)
     ft = tmp_path / "ft"
     out = run_training(1, ["--task", "snli_ve", "--from", str(run), "--config", str(cfg), "--deepspeed", str(ds),

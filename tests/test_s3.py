@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import threading
 
 import numpy as np
 import pytest
@@ -33,7 +36,7 @@ def s3_set(s3_server, tmp_path_factory):
     opts = s3_server.storage_options()
     assert cli(common + ["--output", f"s3://{BUCKET}/cc", "--workers", "2", "--storage-options", json.dumps(opts)]) == 0
     assert cli(common + ["--output", str(root / "local")]) == 0
-    return dict(url=f"s3://{BUCKET}/cc/manifest.json", local=root / "local", opts=opts)
+    return dict(url=f"s3://{BUCKET}/cc/manifest.json", local=root / "local", opts=opts, inputs=inputs)
 
 
 def _cfg(data_config, s3_set, storage_options=None, **kw):
@@ -89,17 +92,37 @@ def test_stream_two_workers_and_resume_exactly(s3_set, data_config, s3_server):
 
 
 def test_server_restart_mid_stream_recovers(s3_set, data_config, s3_server):
-    cfg = _cfg(data_config, s3_set, num_workers=2, max_retries=8)
+    """The server goes down while a response body is half delivered and comes back once a client
+    has found it down (all event-driven, see GateProxy): every sample arrives exactly once, the
+    cut transfer is resumed, and most of the set was read after the restart."""
+    gate = s3_server.gate(256 << 10)
+    opts = dict(s3_set["opts"], endpoint_url=gate.endpoint)
+    cfg = _cfg(data_config, s3_set, storage_options=opts, num_workers=2, max_retries=8)
     loader = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=2, seed=6)
-    keys = []
-    restart = None
-    for i, b in enumerate(loader):
-        keys += b.keys
-        if i == 0:  # workers are mid-stream now: take the server down for a second
-            restart = s3_server.restart_later(0.0, 1.0)
-    restart.join(timeout=30)
+    keys, failure = [], []
+
+    def consume():
+        try:
+            for b in loader:
+                keys.extend(b.keys)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            failure.append(e)
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    at_trip = gate.wait(lambda st: st["tripped"], "half-delivered response")["bytes_at_trip"]
+    s3_server.stop()  # down while transfers are frozen mid-body
+    gate.release()  # the frozen connections are cut; the clients' next requests find the server down
+    gate.wait(lambda st: st["refused"] >= 1, "request to the stopped server")
+    s3_server.start()
+    reader.join(timeout=150)
+    assert not reader.is_alive() and not failure, failure
+    total = sum(p.stat().st_size for p in s3_set["local"].glob("*.tar"))
+    assert at_trip < total / 2  # the restart happened with most of the set still unread
     assert sorted(keys) == sorted(set(keys)) and len(keys) == IMAGES
-    assert loader.last_report["substituted"] == 0 and loader.last_report["corrupt"] == 0
+    report = loader.last_report
+    assert report["resumed"] >= 1  # the half-delivered body continued at the byte where it broke
+    assert report["substituted"] == 0 and report["corrupt"] == 0
 
 
 def test_connections_cut_every_mb_lose_nothing(s3_set, data_config, cutting_proxy, s3_server, caplog):
@@ -176,3 +199,59 @@ def test_http_brace_pattern_reads_the_same_samples(s3_set, data_config, s3_serve
     a, b = list(http), list(s3)
     assert [x.keys for x in a] == [y.keys for y in b] and len(a) == 6
     assert all(np.array_equal(x.image_feat.numpy(), y.image_feat.numpy()) for x, y in zip(a, b))
+
+
+def test_build_into_the_bucket_refuses_another_build_and_leaves_no_partial(s3_set, s3_server, capsys):
+    """A rerun with another --max-count is refused by name (nothing in the bucket changes); the
+    fixture's 2-worker build left no partial file in its local scratch directory."""
+    from vilbert_ds.data.writer import local_scratch_dir
+
+    fs = s3fs.S3FileSystem(**s3_set["opts"])
+    before = {p: fs.info(p)["ETag"] for p in fs.ls(f"{BUCKET}/cc", refresh=True)}
+    args = ["shards", "build", "--format", "tsv", "--input", *s3_set["inputs"]["features"], "--captions",
+            s3_set["inputs"]["captions_cc"], "--prefix", "cc", "--max-count", "5", "--quiet",
+            "--output", f"s3://{BUCKET}/cc", "--storage-options", json.dumps(s3_set["opts"])]
+    capsys.readouterr()
+    assert cli(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.search(rf"s3://{BUCKET}/cc/cc-000000\.tar .*max_count \(shard: 6, now: 5\)", lines[0])
+    assert s3_server.secret_key not in lines[0]
+    assert {p: fs.info(p)["ETag"] for p in fs.ls(f"{BUCKET}/cc", refresh=True)} == before
+    scratch = local_scratch_dir(f"s3://{BUCKET}/cc")
+    assert not os.path.isdir(scratch) or not os.listdir(scratch)
+
+
+def test_inspect_a_sample_in_the_bucket(s3_set, capsys):
+    url = s3_set["url"]
+    assert cli(["shards", "inspect", url, "--index", "7", "--storage-options", json.dumps(s3_set["opts"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.match(rf"sample 7 of {IMAGES}: key \w+, s3://{BUCKET}/cc/cc-000001\.tar #1 ", lines[0])
+    assert any("float16[36, 2048]" in line for line in lines) and re.match(r"caption: \w+ ", lines[-1])
+
+
+def test_access_denied_is_one_line(s3_set, s3_server, capsys):
+    """A bucket whose policy denies writes (build) and one that denies reads (inspect): exit 2,
+    one line naming the URL, no secret in it."""
+    if not s3_server.supports_policies:
+        pytest.skip(f"{s3_server.name} has no bucket policies")
+    client = s3_server.client()
+    opts = json.dumps(s3_set["opts"])
+    for bucket, action in (("vilbert-no-write", "s3:PutObject"), ("vilbert-no-read", "s3:GetObject")):
+        s3_server.create_bucket(bucket)
+        if action == "s3:GetObject":
+            fs = s3fs.S3FileSystem(**s3_set["opts"])
+            for name in fs.ls(f"{BUCKET}/cc", refresh=True):
+                fs.copy(name, f"{bucket}/cc/{name.rsplit('/', 1)[-1]}")
+        client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Principal": "*", "Action": action,
+                                                   "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+    capsys.readouterr()
+    build = ["shards", "build", "--format", "tsv", "--input", *s3_set["inputs"]["features"], "--captions",
+             s3_set["inputs"]["captions_cc"], "--output", "s3://vilbert-no-write/cc", "--quiet", "--storage-options", opts]
+    assert cli(build) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.search(r"cannot write s3://vilbert-no-write/cc/\S+: PermissionError", lines[0]), lines
+    assert cli(["shards", "inspect", "s3://vilbert-no-read/cc/manifest.json", "--storage-options", opts]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "s3://vilbert-no-read/cc/manifest.json" in lines[0], lines
+    assert s3_server.secret_key not in "".join(lines)

@@ -120,7 +120,7 @@ def test_missing_caption_policy(tmp_path):
     dropped_id = sorted(caps)[0]
     del caps[dropped_id]
     (tmp_path / "caps.json").write_text(json.dumps(caps))
-    with pytest.raises(ValueError, match=f"image {dropped_id}: no caption"):
+    with pytest.raises(ValueError, match=rf"features.tsv.0:\d+ \(image_id {dropped_id}\): no caption"):
         build(TsvInput(inputs["features"]), Captions.load(str(tmp_path / "caps.json")),
               BuildConfig(output=str(tmp_path / "o1"), progress=False))
     s = build(TsvInput(inputs["features"]), Captions.load(str(tmp_path / "caps.json")),

@@ -63,8 +63,8 @@ def test_candidate_rows_and_targets_hand_computed(pointing_root, tokenizer):
     ex = fam.preprocess(task_sample("3", det, gt, task), np.random.default_rng(0))
     # rows: global + 3 detected = 4, then GT rows 4..7 in the GT set's order
     assert ex["candidate_rows"].tolist() == [5, 6, 4, 7]
-    # IoU with the answer box: 1, 2000/2500 = 0.8, 0, 0
-    assert ex["target"] == pytest.approx([1.0, 0.8, 0.0, 0.0])
+    # IoU with the answer box, +1-pixel convention (the original): 1, 41*51/51^2 = 0.804, 0, 0
+    assert ex["target"] == pytest.approx([1.0, 41 / 51, 0.0, 0.0])
     # detected rows give way to GT rows when both do not fit (max_region_num 6: global + 1 det + 4 GT)
     cfg = pointing_root["visual7w"]
     small = build_family(type(cfg)(**{**cfg.__dict__, "max_region_num": 6}), tokenizer)

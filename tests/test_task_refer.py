@@ -18,7 +18,8 @@ from vilbert_ds.model.model import ViLBertOutput
 from vilbert_ds.data.tokenizer import load_tokenizer
 from vilbert_ds.tasks.build import TaskBuildConfig, build_task
 from vilbert_ds.tasks.loader import EvalLoader, TaskDataConfig, build_task_loader, evaluate_task
-from vilbert_ds.tasks.refer import ReferBatch, load_plain_pickle
+from vilbert_ds.tasks.refer import ReferBatch
+from vilbert_ds.tasks.released import load_plain_pickle
 from vilbert_ds.tasks.registry import build_family, load_registry
 from vilbert_ds.tasks.synthetic_scenes import SceneSpec, make_scene_tasks
 
@@ -100,6 +101,25 @@ def test_reader_reads_unc_and_umd_splits(refer_root):
         fam.read_annotations("testC")
 
 
+def test_released_root_without_refcoco_files_reads_the_annotations(refer_root, tmp_path):
+    """A released root that lacks refcoco/ leaves the annotations' refs and instances in use (as for
+    every absent released file); one that has them is preferred."""
+    import dataclasses
+    import shutil
+
+    _, registry = refer_root
+    cfg = registry["refcoco"]
+    expected = len(build_family(cfg).read_annotations("train"))
+    empty = dataclasses.replace(cfg, released=str(tmp_path / "datasets" / "refcoco"))
+    assert build_family(empty).refer_root == cfg.annotations
+    assert len(build_family(empty).read_annotations("train")) == expected
+    released = tmp_path / "datasets" / "refcoco" / "refcoco"
+    released.mkdir(parents=True)
+    for name in ("refs(unc).p", "instances.json"):
+        shutil.copy(f"{cfg.annotations}/{name}", released / name)
+    assert build_family(empty).refer_root == str(released)
+
+
 # ------------------------------------------------------------------------------ targets, loss, metric
 def test_region_rows_and_iou_targets_hand_computed(refer_root, tokenizer):
     _, registry = refer_root
@@ -108,14 +128,16 @@ def test_region_rows_and_iou_targets_hand_computed(refer_root, tokenizer):
     gt = [[0, 0, 50, 50], [60, 60, 90, 90]]
     base = {"text": "the red dog", "ref_box": [0, 0, 50, 50], "sent_id": 1, "ref_id": 2, "image_id": "1"}
     train = fam.preprocess(task_sample("a", det, gt, {**base, "train_targets": True}), np.random.default_rng(0))
-    # rows: global (0,0,100,100) IoU 0.25 | det IoU 1, 1600/3400 = 0.4706 | gt IoU 1, 0 -> below 0.5 zeroed
+    # IoUs in the original's +1-pixel convention (areas (x2-x1+1)(y2-y1+1)):
+    # rows: global (0,0,100,100) 51^2/101^2 = 0.255 | det 1, 41^2/(2*51^2-41^2) = 0.477 | gt 1, 0 -> below 0.5 zeroed
     assert train["target"] == pytest.approx([0.0, 1.0, 0.0, 1.0, 0.0])
     feat, loc = train["images"][0]
     assert feat.shape == (5, 2048) and loc[0].tolist() == [0, 0, 1, 1, 1]
     assert loc[3].tolist() == pytest.approx([0, 0, 0.5, 0.5, 0.25])  # first GT row, normalised
     assert np.allclose(feat[3].astype(np.float32), 1.0)
     evaluation = fam.preprocess(task_sample("b", det, gt, {**base, "train_targets": False}), np.random.default_rng(0))
-    assert evaluation["target"] == pytest.approx([0.25, 1.0, 1600 / 3400], abs=1e-5)  # no GT rows, raw IoU
+    # no GT rows, raw IoU (continuous coordinates would give 0.25 and 1600/3400 = 0.471)
+    assert evaluation["target"] == pytest.approx([2601 / 10201, 1.0, 1681 / 3521], abs=1e-6)
     assert evaluation["images"][0][0].shape[0] == 3
     # the original truncates from the end: with room for 3 rows no GT row is left
     cfg = registry["refcoco"]

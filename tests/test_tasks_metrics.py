@@ -64,6 +64,10 @@ def test_box_iou_hand_computed():
     iou = box_iou(a, b)
     assert iou[0].tolist() == pytest.approx([25.0 / 175.0, 1.0, 0.0])
     assert iou[1].tolist() == [0.0, 0.0, 0.0]  # an empty box overlaps nothing
+    # the original refer/pointing convention: x2, y2 are inside the box (+1 on every side length)
+    pixel = box_iou(a[:1], torch.tensor([[5.0, 5.0, 15.0, 15.0], [10.0, 0.0, 20.0, 10.0], [0.0, 0.0, 10.0, 10.0]]),
+                    pixel_inclusive=True)
+    assert pixel[0].tolist() == pytest.approx([36 / (2 * 121 - 36), 11 / (2 * 121 - 11), 1.0])  # touching: 1 pixel column
 
 
 def test_recall_at_k_and_ties():
@@ -87,3 +91,30 @@ def test_metric_merge_counts_padded_duplicates_once():
     assert [k for k, _ in merged.predictions()] == ["1", "2", "3", "4"]
     with pytest.raises(ValueError, match="no 'score'"):
         merged.update({"5": {"prediction": "x"}})
+
+
+def test_snli_ve_no_consensus_rows_are_scored_wrong(tmp_path):
+    """SNLI-VE gold label "-" (annotators disagree): kept with a zero target and counted as wrong,
+    as the original scores them; a row without any gold label is unlabeled (not scored)."""
+    import json
+
+    from vilbert_ds.model.model import ViLBertOutput
+    from vilbert_ds.tasks.registry import build_family, load_registry
+    from vilbert_ds.tasks.vl_tri import NO_CONSENSUS, UNLABELED, LabelBatch, one_hot_target
+
+    rows = [{"Flikr30kID": "1.jpg", "sentence2": "a", "gold_label": "entailment", "pairID": "1.jpg#0r1e"},
+            {"Flikr30kID": "1.jpg", "sentence2": "b", "gold_label": "-", "pairID": "1.jpg#0r1n"},
+            {"Flikr30kID": "2.jpg", "sentence2": "c", "pairID": "2.jpg#0r1c"}]
+    (tmp_path / "snli_ve_dev.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    family = build_family(load_registry(overrides={"snli_ve": {"annotations": str(tmp_path)}})["snli_ve"])
+    labels = [e.payload["label"] for e in family.read_annotations("dev")]
+    assert labels == [2, NO_CONSENSUS, UNLABELED]
+    empty = torch.zeros(3, 1)
+    batch = LabelBatch(input_ids=empty, token_type_ids=empty, attention_mask=empty, image_feat=empty, image_loc=empty,
+                       image_mask=empty, keys=["a", "b", "c"], label=torch.tensor(labels))
+    out = ViLBertOutput(None, None, None, None, None)
+    out.vil_tri_prediction = torch.tensor([[0.0, 0.0, 5.0], [0.0, 5.0, 0.0], [5.0, 0.0, 0.0]])
+    records = family.score(out, batch)
+    assert [records[k]["score"] for k in "abc"] == [1.0, 0.0, None]
+    assert family.new_metric().merge([records]).result() == {"score": 0.5, "count": 2.0}
+    assert one_hot_target(batch.label, 3).tolist() == [[0, 0, 1], [0, 0, 0], [0, 0, 0]]  # zero target, as the original

@@ -79,6 +79,10 @@ class TrainSection:
     check_stop_every: int = 1  # updates between collective checks of the preemption signal
     log_samples: bool = False  # write samples/rank<r>.jsonl: the sample keys of each update
     compile: bool = False  # torch.compile the model (measure first; see bench/)
+    # TF32 tensor cores for fp32 matmuls on Ampere and later GPUs (10-bit mantissa inputs, fp32
+    # accumulation). PyTorch leaves them off; an fp32 step at batch 512 then runs at ~39 TFLOP/s
+    # on an H200 (docs/PERFORMANCE.md). bf16 runs do not need it.
+    tf32: bool = False
     init_timeout_s: float = 900.0  # all ranks must rendezvous within this
     timeout_s: float = 1800.0  # any later collective longer than this fails the job instead of hanging
 

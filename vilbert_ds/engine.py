@@ -429,12 +429,21 @@ def build_engine(
     from .distributed import release_shm_allreduce_buffer
 
     release_shm_allreduce_buffer()  # DeepSpeed's comm backend (and with it the shm op) is up by now
-    if settings.zero_stage == 0 and engine.dp_world_size == 1:
+    if engine.dp_world_size == 1 and (settings.zero_stage == 0 or _is_bf16_optimizer(engine.optimizer)):
         # One data-parallel rank has nothing to average, yet DeepSpeed would flatten every
         # gradient into a bucket, all-reduce it with itself and copy it back: two extra passes
         # over the gradient bytes per step (bench/vs_plain.py: 1.3-1.5x of a 1-rank CPU step).
+        # bf16 with fp32 gradient accumulation (ds_configs/zero1_bf16.json: DeepSpeed's
+        # BF16_Optimizer) takes the same path at ZeRO-1, over its fp32 gradients (~1 GB for the
+        # base model, plus one copy kernel per parameter tensor on a GPU).
         engine.enable_backward_allreduce = False
     return engine
+
+
+def _is_bf16_optimizer(optimizer) -> bool:
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    return isinstance(optimizer, BF16_Optimizer)
 
 
 def engine_float_dtype(engine) -> torch.dtype:

@@ -26,6 +26,7 @@ from .checkpoint import CheckpointError, atomic_write_text, verify_source
 from .distributed import DistEnv, init_distributed, shutdown_distributed
 from .model import ViLBert, ViLBertConfig
 from .data.tokenizer import load_tokenizer
+from .tasks.label_maps import use_model_label_maps
 from .tasks.loader import EvalLoader, TaskDataConfig, evaluate_task
 from .tasks.registry import build_family, load_registry
 
@@ -67,6 +68,7 @@ def _evaluate(args: argparse.Namespace, env: DistEnv) -> dict[str, float]:
     if not model.config.with_task_heads and not args.zero_shot:
         raise ValueError(f"{args.ckpt}: the model has no task heads (a pretraining checkpoint); fine-tune it first")
     family = build_family(cfg, load_tokenizer(args.vocab or None))
+    label_map = use_model_label_maps(family, args.ckpt)  # classifiers: the answers the model's units mean
     # families whose standard metric is not per-batch (retrieval ranks every caption against
     # every image) implement evaluate_split(model, loader, device, zero_shot=...)
     evaluate_split = getattr(family, "evaluate_split", None)
@@ -78,16 +80,22 @@ def _evaluate(args: argparse.Namespace, env: DistEnv) -> dict[str, float]:
     start = time.perf_counter()
     device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if evaluate_split is not None:
-        metric = evaluate_split(model.to(device), loader, device, zero_shot=args.zero_shot)
+        protocol = {"protocol": args.protocol} if getattr(args, "protocol", "full") != "full" else {}
+        metric = evaluate_split(model.to(device), loader, device, zero_shot=args.zero_shot, **protocol)
     else:
         metric = evaluate_task(model.to(device), family, loader, device).gather()
     result = {**metric.result(), "seconds": round(time.perf_counter() - start, 2), "split_samples": float(loader.total)}
+    if label_map is not None:
+        result["label_map"] = label_map
+    if getattr(metric, "note", ""):  # retrieval: which protocol and set were ranked
+        result["protocol"] = metric.note
     if env.is_main:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         family.write_predictions(metric, out / f"{cfg.name}_{split}_predictions.json")
         atomic_write_text(out / f"{cfg.name}_{split}_metrics.json", json.dumps(result, indent=1) + "\n")
-        print(f"{cfg.name} {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()) + f" -> {out}", flush=True)
+        print(f"{cfg.name} {split}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
+                                                  for k, v in result.items()) + f" -> {out}", flush=True)
     return result
 
 
@@ -107,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds any collective may take before the job fails naming the stuck rank")
     parser.add_argument("--zero-shot", action="store_true",
                         help="retrieval: rank with the pretraining alignment head (a pretraining checkpoint works)")
+    parser.add_argument("--protocol", choices=("full", "paper"), default="full",
+                        help="retrieval: full = the whole split, both directions; paper = the published numbers' "
+                             "protocol (text->image on the 1k test images: COCO set 0, Flickr30k)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -48,6 +48,7 @@ from .model import ViLBert, resolve_config
 from .data.config import redact
 from .data.tokenizer import load_tokenizer
 from .tasks.base import TaskBatch, TaskFamily
+from .tasks.label_maps import write_run_label_maps
 from .tasks.loader import EvalLoader, TaskDataConfig, build_task_loader, evaluate_task
 from .tasks.registry import Registry, TaskConfig, build_family, load_registry, select_tasks
 from .tasks.sampler import SamplerConfig, TaskSampler, build_sampler, eval_due
@@ -500,6 +501,8 @@ def run(cfg: MultiTaskConfig, settings, env: DistEnv, *, cli_tasks: str | None =
     if cfg.model.init_from:
         cfg.model.init_from = _init_from_checkpoint(cfg.model.init_from, run_dir, env)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    if cfg.train.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     model = build_task_model(cfg.model)
     tokenizer = load_tokenizer(cfg.data.vocab or None)
     families = {t.name: build_family(t, tokenizer) for t in chosen}
@@ -536,6 +539,7 @@ def run(cfg: MultiTaskConfig, settings, env: DistEnv, *, cli_tasks: str | None =
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
         (run_dir / "ds_config.json").write_text(json.dumps(redact(settings.config), indent=2) + "\n", encoding="utf-8")
+        write_run_label_maps(run_dir, families, cfg.model.init_from)  # what the answer heads will mean
         logger = MetricsLogger.for_run(run_dir, cfg.metrics, run_name=run_dir.name, config=cfg.to_dict())
     else:
         logger = MetricsLogger.null()

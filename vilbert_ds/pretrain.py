@@ -137,6 +137,8 @@ def run(cfg: TrainConfig, settings, env: DistEnv, resume: str = "none",
 
     stop = StopSignal(check_every=cfg.train.check_stop_every)  # armed before the slow part
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    if cfg.train.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(cfg.model)
     objective = PretrainObjective(model, visual_target=cfg.data.visual_target, img_weight=cfg.train.img_weight)
     if settings.activation_checkpointing:

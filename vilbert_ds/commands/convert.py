@@ -1,6 +1,6 @@
 """`vilbert-ds convert SRC DST`: original ViLBERT checkpoints to vilbert-ds and back.
 
-    vilbert-ds convert multi_task_model.bin out/12in1 --config bert_base_6layer_6conect.json
+    vilbert-ds convert multi_task_model.bin out/12in1 --config bert_base_6layer_6conect.json --label-maps datasets
     vilbert-ds convert pretrained_model.bin out/cc --config base_6layer_6conect [--task-heads]
     vilbert-ds convert out/12in1 multi_task_model_again.bin
 
@@ -11,6 +11,11 @@ original code loads as is (the tied MLM decoder written out as its own tensor, a
 saves it). Task tokens and task heads are read from the checkpoint's keys. Missing, unexpected
 or mis-shaped keys are errors naming the keys; `--allow-missing` leaves missing keys at a fresh
 init and lists them. Errors print one line and exit with status 2.
+
+`--label-maps DIR` (DIR = the original's unpacked `datasets.tar.gz`, holding `VQA/`, `gqa/`,
+`visual_genome/`): the released `cache/trainval_label2ans.pkl` answer orders the checkpoint's
+classifier heads were trained with go into `DST/label_maps.json` (read with the restricted
+unpickler of `tasks/released.py`), so `vilbert-ds eval` names the answers the model means.
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-heads", action="store_true",
                         help="add freshly initialised 12-in-1 task heads to a pretraining checkpoint")
     parser.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    parser.add_argument("--label-maps", metavar="DIR", default=None,
+                        help="the original's datasets directory (VQA/, gqa/, visual_genome/ with cache/trainval_*.pkl): "
+                             "its answer label maps are written to DST/label_maps.json")
 
 
 class UsageError(ValueError):
@@ -55,11 +63,25 @@ def to_vilbert_ds(args: argparse.Namespace) -> str:
         raise UsageError(f"{dst} exists and is not a directory")
     model = from_original(args.src, args.config, allow_missing=args.allow_missing,
                           task_heads=True if args.task_heads else None)
+    maps = None
+    if getattr(args, "label_maps", None):
+        from ..tasks.label_maps import check_head_widths, released_label_maps
+
+        if not model.config.with_task_heads:
+            raise UsageError(f"--label-maps: {args.src} has no task heads (a pretraining checkpoint)")
+        maps = released_label_maps(args.label_maps)
+        check_head_widths(maps, {"vil_prediction": model.config.num_vqa_labels,
+                                 "vil_prediction_gqa": model.config.num_gqa_labels}, args.label_maps)
     save_model(model, dst)
     cfg = model.config
     lines = [f"wrote {dst}/{{{CONFIG_NAME},{WEIGHTS_NAME}}} from {args.src}: "
              f"{len(model.state_dict()) - 1} tensors, task tokens {'yes' if cfg.task_specific_tokens else 'no'}, "
              f"task heads {'yes' if cfg.with_task_heads else 'no'}"]
+    if maps is not None:
+        from ..tasks.label_maps import write_label_maps
+
+        path = write_label_maps(dst, maps)
+        lines.append(f"wrote {path}: " + ", ".join(f"{t} ({len(e['answers'])} answers, {e['source']})" for t, e in maps.items()))
     report = model.load_report
     if report.missing:
         lines.append(f"{len(report.missing)} keys not in {args.src}, left at a fresh random init:")
@@ -71,8 +93,9 @@ def to_vilbert_ds(args: argparse.Namespace) -> str:
 
 
 def to_original_file(args: argparse.Namespace) -> str:
-    if args.config or args.allow_missing or args.task_heads:
-        raise UsageError("--config, --allow-missing and --task-heads apply to original -> vilbert-ds conversions; "
+    if args.config or args.allow_missing or args.task_heads or getattr(args, "label_maps", None):
+        raise UsageError("--config, --allow-missing, --task-heads and --label-maps apply to original -> vilbert-ds "
+                         "conversions; "
                          f"{args.src} is a vilbert-ds directory")
     dst = Path(args.dst)
     if dst.exists() and not args.force:

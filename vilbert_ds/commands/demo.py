@@ -57,7 +57,8 @@ def build_shards(out: Path, images: int) -> Path:
     inputs = write_tsv(str(out / "inputs"), SyntheticSpec(num_images=images, num_boxes=12, num_classes=8, seed=0))
     shards = out / "shards"
     build(TsvInput(inputs["features"]), Captions.load(inputs["captions_cc"]),
-          BuildConfig(output=str(shards), prefix="cc", max_count=64, workers=1, progress=False))
+          BuildConfig(output=str(shards), prefix="cc", max_count=64, workers=1, progress=False,
+                      rebuild=True))  # the inputs were just rewritten (new mtimes): replace, never refuse
     return shards / "manifest.json"
 
 

@@ -1,6 +1,7 @@
 """`vilbert-ds export RUN --out DIR`: a DeepSpeed checkpoint (any ZeRO stage, any number of ranks)
 -> consolidated fp32 `config.json` + `model.safetensors`, loadable with `vilbert_ds.load_model`
-and by the fine-tuning / evaluation commands (`model.init_from`).
+and by the fine-tuning / evaluation commands (`model.init_from`). The run's `label_maps.json`
+(what the answer heads mean) is copied beside them.
 
 RUN is a run directory, its checkpoints/ directory (the `latest` checkpoint is exported), or one
 checkpoint directory (checkpoints/step00001000).
@@ -8,6 +9,7 @@ checkpoint directory (checkpoints/step00001000).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 
@@ -20,12 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError, export_fp32, find_checkpoint
     from ..model import count_parameters
+    from ..tasks.label_maps import find_label_maps
     from ..weights import load_model
 
     start = time.perf_counter()
     try:
         directory, tag = find_checkpoint(args.checkpoint)
         out = export_fp32(directory / tag, args.out)
+        maps = find_label_maps(directory / tag)
+        if maps is not None:
+            shutil.copyfile(maps, out / maps.name)
     except (CheckpointError, OSError) as e:  # OSError: --out not writable, under a plain file, ...
         print(f"vilbert-ds export: {e}", file=sys.stderr)
         return 2

@@ -95,7 +95,8 @@ class Manifest:
             d = json.loads(data)
         except json.JSONDecodeError as e:
             raise ManifestError(f"{storage.safe_url(url)}: not valid JSON ({e})") from None
-        if d.get("format") != MANIFEST_FORMAT:
+        if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
+            d = d if isinstance(d, dict) else {}
             raise ManifestError(f"{storage.safe_url(url)}: not a vilbert-ds manifest (format={d.get('format')!r})")
         if d.get("version") != MANIFEST_VERSION:
             raise ManifestError(f"{storage.safe_url(url)}: manifest version {d.get('version')} is not supported "
@@ -106,6 +107,13 @@ class Manifest:
                                 sha256=s.get("sha256", ""), url=storage.join(base, s["name"])) for s in d["shards"]]
         except KeyError as e:
             raise ManifestError(f"{storage.safe_url(url)}: a shard entry lacks the key {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"{storage.safe_url(url)}: malformed shard entry ({e})") from None
+        for name, actual in (("num_shards", len(shards)), ("num_samples", sum(s.count for s in shards)),
+                             ("num_bytes", sum(s.bytes for s in shards))):
+            if name in d and d[name] != actual:
+                raise ManifestError(f"{storage.safe_url(url)}: top-level {name} is {d[name]!r} but the shard entries "
+                                    f"add up to {actual} (edited or corrupt manifest)")
         pool = d.get("caption_pool")
         return cls(shards=shards, feature_dim=int(d.get("feature_dim", 2048)), num_classes=d.get("num_classes"),
                    caption_pool=storage.join(base, pool) if pool and "://" not in pool and not pool.startswith("/") else pool,
@@ -126,6 +134,8 @@ def load_stats(tar_url: str, storage_options: dict | None = None, **retry) -> di
     except FileNotFoundError:
         raise ManifestError(f"{storage.safe_url(url)}: missing; shards addressed by URL pattern need their "
                             f".stats.json beside them (or pass the set's manifest.json)") from None
+    except PermissionError as e:
+        raise ManifestError(f"{storage.safe_url(url)}: access denied ({e})") from None
     try:
         return json.loads(data)
     except json.JSONDecodeError as e:
@@ -139,6 +149,8 @@ def load_source(url: str, storage_options: dict | None = None, **retry) -> Manif
             data = storage.read_bytes(url, storage_options, **retry)
         except FileNotFoundError:
             raise ManifestError(f"{storage.safe_url(url)}: manifest not found") from None
+        except PermissionError as e:
+            raise ManifestError(f"{storage.safe_url(url)}: access denied ({e})") from None
         return Manifest.from_json(data, url)
     urls = expand_urls(url)
     shards, feature_dim, num_classes, pool = [], 2048, None, None

@@ -46,6 +46,7 @@ class FeatureRecord:
     cls_prob: np.ndarray | None = None
     caption: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-able metadata kept in K.json
+    source: str = ""  # where the record was read (`file:row`, `file key K`, a file); not stored
 
     @property
     def num_boxes(self) -> int:
@@ -114,6 +115,8 @@ def npy_array(data, where: str) -> np.ndarray:
 def all_finite(arr: np.ndarray) -> bool:
     """No NaN/Inf. float16: no element with all exponent bits set (a bit test on the uint16
     view, ~15x faster than numpy's float16 isfinite)."""
+    if arr.size == 0:
+        return True
     if arr.dtype == np.float16:
         bits = np.ascontiguousarray(arr).view(np.uint16)
         return int((bits & 0x7FFF).max()) < 0x7C00  # |x| bits below the Inf/NaN exponent
@@ -123,7 +126,10 @@ def all_finite(arr: np.ndarray) -> bool:
 def encode(record: FeatureRecord, key: str, feature_dim: int = 2048) -> list[tuple[str, bytes]]:
     """The tar members of a record, in MEMBER_ORDER. Validates shapes first."""
     n = record.num_boxes
-    where = f"image {record.image_id}"
+    where = f"{record.source} (image_id {record.image_id})" if record.source else f"image {record.image_id}"
+    if n == 0:
+        raise SampleError(f"{where}: num_boxes 0: an image needs at least one region (the global region is "
+                          f"their mean)")
     if record.features.ndim != 2 or record.features.shape[1] != feature_dim:
         raise SampleError(f"{where}: features shape {record.features.shape}, expected [N, {feature_dim}]")
     if record.boxes.shape != (n, 4):

@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import hashlib
 import io
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import storage
 from .manifest import Manifest, ManifestError, ShardInfo, load_source
@@ -72,10 +73,10 @@ def _verify_shard(shard: ShardInfo, m: Manifest, storage_options: dict) -> Shard
     try:
         for offset, member in iter_members(io.BytesIO(data), url):
             key, ext = split_name(member.name)
-            if key not in samples:
-                if order and key in order:
+            if not order or key != order[-1]:  # a new sample starts here
+                if key in samples:
                     rep.problems.append(f"{url} key {key}: members not contiguous (key appears twice)")
-                samples[key] = {}
+                samples[key] = {}  # a second copy is decoded on its own
                 order.append(key)
                 starts.append(offset)
             if ext in samples[key]:
@@ -101,7 +102,10 @@ def _verify_shard(shard: ShardInfo, m: Manifest, storage_options: dict) -> Shard
     return rep
 
 
-def verify_manifest(url: str, storage_options: dict | None = None, *, workers: int = 4) -> VerifyReport:
+def verify_manifest(url: str, storage_options: dict | None = None, *, workers: int = 4,
+                    progress: Any = None) -> VerifyReport:
+    """Verifies every shard of a set; `progress`: a tqdm-like bar (`reset(total=shards)`, then
+    `update(1)` per verified shard)."""
     report = VerifyReport(manifest=url)
     opts = storage_options or {}
     try:
@@ -109,8 +113,17 @@ def verify_manifest(url: str, storage_options: dict | None = None, *, workers: i
     except (ManifestError, storage.ShardReadError, OSError) as e:
         report.problems.append(f"{storage.safe_url(url)}: cannot load manifest ({e})")
         return report
+    if progress is not None:
+        progress.reset(total=len(m.shards))
+
+    def one(shard: ShardInfo) -> ShardReport:
+        rep = _verify_shard(shard, m, opts)
+        if progress is not None:
+            progress.update(1)
+        return rep
+
     with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        report.shards = list(pool.map(lambda s: _verify_shard(s, m, opts), m.shards))
+        report.shards = list(pool.map(one, m.shards))
     seen: dict[str, str] = {}
     for rep in report.shards:
         for key in rep.keys:

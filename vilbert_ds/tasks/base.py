@@ -12,8 +12,9 @@ The life of an example, and which method owns each stage:
    `cfg.annotations`); each example names its image(s) by id per *image slot* ("" = the image,
    "img1" = NLVR2's second image, "gt" = ground-truth-box features) and carries a JSON payload.
    `build_assets(train_examples)` returns task-level data stored beside the shards (e.g. the
-   answer vocabulary). Test-split images of every task of the same image domain are removed from
-   train splits (`clean_train_sets`). The builder joins the examples with the region-feature
+   answer vocabulary), derived from the training split or read from the original's released
+   files (`asset_source()` says which; `released.py` reads them safely). Test-split images of
+   every task of the same image domain are removed from train splits (`clean_train_sets`). The builder joins the examples with the region-feature
    shards by image id and writes one self-contained WebDataset sample per example (layout:
    docs/TASKS.md).
 2. Data workers: `preprocess(sample, rng) -> example`, a dict of numpy arrays: tokenised text
@@ -129,6 +130,16 @@ def first_existing(root: str, names: Sequence[str]) -> str:
         if fs.exists(local):
             return path
     raise FileNotFoundError(f"none of {list(names)} exists under {root}")
+
+
+def describe_asset_source(source: Mapping[str, Any]) -> str:
+    """A task's asset source (`TaskFamily.asset_source`) in words, for logs, build.json and metrics."""
+    kind = source.get("kind", "derived")
+    if kind == "released":
+        return "released " + ", ".join(source.get("files", []))
+    if kind == "task":
+        return f"the assets of task {source['task']}"
+    return "derived from the training annotations"
 
 
 # ------------------------------------------------------------------------------ text
@@ -287,6 +298,9 @@ class TaskFamily:
     heads: ClassVar[tuple[str, ...]] = ()  # ViLBert heads the family computes
     image_slots: ClassVar[dict[str, str]] = {"": "regions"}  # slot -> feature source (tasks.yaml features)
     batch_type: ClassVar[type[TaskBatch]] = TaskBatch
+    # set by the shard builder: whether held-out test images are removed from the training splits
+    # (the original picks some released files by it, e.g. hard_negative_cleaned.pkl)
+    clean_train_sets: bool = True
 
     @dataclass
     class Options:
@@ -311,14 +325,36 @@ class TaskFamily:
         """Examples of one split from the public annotation files under `config.annotations`."""
         raise NotImplementedError
 
+    def asset_source(self) -> dict[str, Any]:
+        """Where `build_assets` takes the task-level data from, as recorded in `assets.json`
+        ("source"): {"kind": "derived"} (from the training annotations), {"kind": "released",
+        "files": [...]} (the original's files) or {"kind": "task", "task": name} (another task's
+        assets, `shared_assets`). Assets built from another source are rebuilt."""
+        return {"kind": "derived"}
+
     def build_assets(self, train_examples: Sequence[TaskExample]) -> dict[str, Any]:
-        """Task-level JSON data derived from the training annotations (answer vocabulary, ...),
-        written once to `{shards}/assets.json` before any split is built. Default: none."""
+        """Task-level JSON data derived from the training annotations (answer vocabulary, ...) or
+        read from released files, written once to `{shards}/assets.json` before any split is
+        built. `train_examples` is empty unless `asset_source()` is "derived". Default: none."""
         return {}
+
+    def shared_assets(self, task: str, assets: Mapping[str, Any]) -> dict[str, Any]:
+        """This task's assets from those of `task` (`asset_source()` kind "task")."""
+        raise NotImplementedError(f"task {self.name!r} does not share another task's assets")
+
+    def is_cleaned_split(self, split: str) -> bool:
+        """Whether `clean_train_sets` removes held-out test images from `split`: the registry's
+        train split and any split named like one (the original: "train" in the name)."""
+        return split == self.config.splits.train or "train" in split
 
     def finalize_examples(self, examples: list[TaskExample], split: str) -> list[TaskExample]:
         """A hook run after `build_assets`, before the join (e.g. turn answers into label ids)."""
         return examples
+
+    def split_written(self, split: str, examples: Sequence[TaskExample], output: str,
+                      storage_options: Mapping[str, Any] | None = None) -> None:
+        """A hook run once a split's shards and manifest are written; `examples` are in the
+        order of the set's samples (e.g. an index of the split beside its manifest)."""
 
     def set_assets(self, assets: Mapping[str, Any]) -> None:
         self._assets = dict(assets)

@@ -13,14 +13,22 @@ the feature shard sets by image id -> tars of at most `max_count` samples, each 
 The join streams every feature set once. An example waits in memory only until all its image
 slots are filled (NLVR2's second image, GT boxes from a second set), so memory is bounded by the
 annotations plus the images still awaited, not by the feature sets.
+
+A split directory is written by one build at a time: its old manifest is removed first, and the
+new one is written only when the whole split succeeded. A failure, SIGTERM or SIGINT removes the
+partial tar and the tars this attempt wrote, so no manifest ever names a partial set (multitask
+training reads only sets with a manifest); partial files a killed build left are removed by the
+next build of that split.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -31,8 +39,10 @@ from ..data import storage
 from ..data.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_source, shard_name, stats_name
 from ..data.sample import Sample, decode, npy_bytes
 from ..data.tario import TarShardWriter, iter_members, split_name
-from .base import TASK_MEMBER, TaskExample, TaskFamily, join_path, read_json, slot_member
-from .registry import Registry, TaskConfig, build_family, load_registry
+from ..data.writer import BuildInterrupted, cleanup_on_sigterm, local_scratch_dir, remove_stale_partials
+from .base import TASK_MEMBER, TaskExample, TaskFamily, describe_asset_source, join_path, slot_member
+from .registry import Registry, build_family, load_registry
+from .released import TEST_ID_FILES, load_id_list
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,7 @@ class TaskBuildConfig:
     allow_missing: bool = False  # an example whose image is not in the feature set: error, or count and drop
     rebuild_assets: bool = False  # rebuild {shards}/assets.json even if present
     storage_options: dict = field(default_factory=dict)
+    progress: bool = True  # a progress bar per split on stderr (only when stderr is a terminal)
 
     def __post_init__(self) -> None:
         if self.max_count < 1:
@@ -144,7 +155,10 @@ class _Hashing:
 
 class TaskSetWriter:
     """Writes samples into `{output}/{prefix}-NNNNNN.tar` (+ `.stats.json`), `max_count` per tar,
-    then `manifest.json`. Each tar is written locally and moved/uploaded whole."""
+    then `manifest.json`. Each tar is written locally and moved/uploaded whole. Opening removes
+    the split's old manifest and the partial files a killed build left; `abort()` removes the
+    split's tars (no manifest); `close()` writes the manifest and removes tars of an older,
+    larger build."""
 
     def __init__(self, output: str, prefix: str, max_count: int, storage_options: dict | None = None):
         self.output, self.prefix, self.max_count = output, prefix, max_count
@@ -152,17 +166,39 @@ class TaskSetWriter:
         self.shards: list[ShardInfo] = []
         self.keys: set[str] = set()
         self.boxes: list[int] = []
+        self._tmp: str | None = None
+        self._scratch = local_scratch_dir(output)
+        os.makedirs(self._scratch, exist_ok=True)
+        removed = remove_stale_partials(self._scratch, prefix)
+        if removed:
+            log.info("%s: removed %d partial file(s) an interrupted build left", output, len(removed))
+        self._remove(MANIFEST_NAME)  # from here until close() the split has no manifest
         self._open()
 
+    def _remove(self, name: str) -> None:
+        url = storage.join(self.output, name)
+        if storage.is_local(url):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(storage.local_path(url))
+            return
+        fs, path = storage.get_fs(url, self.storage_options)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
+
     def _open(self) -> None:
-        tmp_dir = storage.local_path(self.output) if storage.is_local(self.output) else None
-        if tmp_dir:
-            os.makedirs(tmp_dir, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.prefix}.", suffix=".partial", dir=tmp_dir)
+        name = shard_name(self.prefix, len(self.shards))
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=self._scratch)
         self._file = os.fdopen(fd, "wb")
         self._hash = _Hashing(self._file)
         self._writer = TarShardWriter(self._hash)
         self._shard_boxes: list[int] = []
+
+    def _discard_tmp(self) -> None:
+        if self._tmp is not None:
+            self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+            self._tmp = None
 
     def write(self, key: str, members: list[tuple[str, bytes]], num_boxes: int) -> None:
         if key in self.keys:
@@ -188,18 +224,40 @@ class TaskSetWriter:
             storage.put_file(self._tmp, url, self.storage_options)
             storage.write_bytes(stats_name(url), (json.dumps(stats, sort_keys=True) + "\n").encode(), self.storage_options)
         finally:
-            if os.path.exists(self._tmp):
-                os.unlink(self._tmp)
+            self._discard_tmp()
         self.shards.append(ShardInfo(name=name, count=len(w.keys), bytes=w.pos, offsets=w.offsets,
                                      sha256=stats["sha256"]))
         self.boxes.extend(self._shard_boxes)
+
+    def abort(self) -> None:
+        """Removes the partial tar and every tar/stats of the split (this attempt's and an older
+        build's, which lost its manifest when this one started); no manifest is written."""
+        self._discard_tmp()
+        self.shards = []
+        self._remove_older_shards()
+
+    def _remove_older_shards(self) -> None:
+        """Tars/stats of this prefix beyond the ones written (an older build had more)."""
+        pattern = re.compile(rf"^{re.escape(self.prefix)}-(\d{{6}})\.(?:tar|stats\.json)$")
+        try:
+            if storage.is_local(self.output):
+                names = os.listdir(storage.local_path(self.output))
+            else:
+                fs, path = storage.get_fs(self.output, self.storage_options)
+                names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True)]
+        except FileNotFoundError:
+            return
+        for name in names:
+            m = pattern.match(name)
+            if m is not None and int(m.group(1)) >= len(self.shards):
+                self._remove(name)
 
     def close(self, build: dict[str, Any]) -> str:
         if self._writer.keys or not self.shards:
             self._flush()
         else:
-            self._file.close()
-            os.unlink(self._tmp)
+            self._discard_tmp()
+        self._remove_older_shards()
         n = max(len(self.boxes), 1)
         manifest = Manifest(shards=self.shards, feature_dim=2048, num_classes=None,
                             regions=dict(min=min(self.boxes, default=0), max=max(self.boxes, default=0),
@@ -210,9 +268,22 @@ class TaskSetWriter:
 
 
 # ------------------------------------------------------------------------------ clean_train_sets
-def held_out_image_ids(registry: Registry, domain: str) -> tuple[set[str], list[str]]:
-    """Image ids of the `test` splits of every registry task of an image domain, plus the
-    domain's id files. Returns (ids, notes) where notes say what was read or unavailable."""
+def held_out_image_ids(registry: Registry, domain: str, released: str = "") -> tuple[set[str], list[str]]:
+    """Image ids that clean_train_sets removes from the splits of a task of image domain `domain`,
+    and notes saying where they come from. In order of preference:
+    1. the registry's `clean_train_sets.id_files[domain]` (an .npy or JSON list);
+    2. the original's shipped list `{released}/cache/{coco,flickr,genome}_test_ids.npy` when the
+       task has a released directory holding it;
+    3. derived: the images of the `test` splits of every registry task of the domain.
+    A given list replaces the derived ids (the original removes exactly its shipped list)."""
+    id_file = registry.clean_id_files.get(domain, "")
+    if not id_file and released and domain in TEST_ID_FILES:
+        candidate = join_path(join_path(released, "cache"), TEST_ID_FILES[domain])
+        if storage.exists(candidate):
+            id_file = candidate
+    if id_file:
+        listed = load_id_list(id_file)
+        return set(listed), [f"{id_file}: {len(listed)} ids (the shipped list; replaces the derived test ids)"]
     ids: set[str] = set()
     notes: list[str] = []
     for cfg in registry:
@@ -230,12 +301,7 @@ def held_out_image_ids(registry: Registry, domain: str) -> tuple[set[str], list[
                 continue
             before = len(ids)
             ids.update(str(i) for ex in examples for i in ex.images.values())
-            notes.append(f"{cfg.name}/{split}: {len(ids) - before} new test image ids")
-    id_file = registry.clean_id_files.get(domain)
-    if id_file:
-        listed = read_json(id_file)
-        ids.update(str(i) for i in listed)
-        notes.append(f"{id_file}: {len(listed)} ids")
+            notes.append(f"{cfg.name}/{split}: {len(ids) - before} new test image ids (derived)")
     return ids, notes
 
 
@@ -245,21 +311,39 @@ def clean_train_split(examples: list[TaskExample], excluded: set[str]) -> tuple[
     return kept, len(examples) - len(kept)
 
 
-def is_train_split(cfg: TaskConfig, split: str) -> bool:
-    """The registry's train split and any split named like one (the original: "train" in name)."""
-    return split == cfg.splits.train or "train" in split
-
-
 # ------------------------------------------------------------------------------ driver
-def load_or_build_assets(family: TaskFamily, cfg: TaskBuildConfig) -> dict[str, Any]:
+def load_or_build_assets(family: TaskFamily, cfg: TaskBuildConfig, registry: Registry | None = None) -> dict[str, Any]:
+    """`{shards}/assets.json`: reused when it was built from the source the task asks for now
+    (`asset_source`; another task's assets are re-read each time, so a rebuilt VQA label map
+    reaches GenomeQA), else (or with --rebuild-assets) built and written."""
     url = join_path(family.config.shards, "assets.json")
-    if not cfg.rebuild_assets and storage.exists(url, cfg.storage_options):
-        assets = json.loads(storage.read_bytes(url, cfg.storage_options))
+    source = family.asset_source()
+    stored = None
+    if storage.exists(url, cfg.storage_options):
+        stored = json.loads(storage.read_bytes(url, cfg.storage_options))
+    if source["kind"] == "task":
+        if registry is None:
+            raise ValueError(f"task {family.name!r} shares the assets of task {source['task']!r}: build it through "
+                             f"the registry (vilbert-ds shards task)")
+        other = build_family(registry.resolve(source["task"]))
+        if other.config.head != family.config.head:
+            raise ValueError(f"task {family.name!r} ({family.config.head}) cannot share the label map of task "
+                             f"{other.name!r} ({other.config.head}): they are different heads")
+        shared = load_or_build_assets(other, TaskBuildConfig(storage_options=cfg.storage_options), registry)
+        assets = {**family.shared_assets(other.name, shared), "source": source}
+    elif stored is not None and not cfg.rebuild_assets and stored.get("source") == source:
+        assets = stored
     else:
-        train = family.read_annotations(family.config.splits.train)
-        assets = family.build_assets(train)
+        if stored is not None and not cfg.rebuild_assets:
+            log.info("task %s: %s was built from %s; rebuilding it from %s", family.name, url,
+                     describe_asset_source(stored.get("source", {"kind": "derived"})), describe_asset_source(source))
+        train = family.read_annotations(family.config.splits.train) if source["kind"] == "derived" else []
+        assets = {**family.build_assets(train), "source": source}
+    if assets != stored:
         storage.write_bytes(url, (json.dumps(assets, indent=1, ensure_ascii=False) + "\n").encode(), cfg.storage_options)
     family.set_assets(assets)
+    log.info("task %s: assets (%s) from %s", family.name, ", ".join(k for k in assets if k != "source") or "none",
+             describe_asset_source(source))
     return assets
 
 
@@ -269,7 +353,7 @@ def build_split(family: TaskFamily, split: str, cfg: TaskBuildConfig, excluded: 
     examples = family.read_annotations(split)
     read = len(examples)
     cleaned = 0
-    if excluded is not None and is_train_split(tcfg, split):
+    if excluded is not None and family.is_cleaned_split(split):
         examples, cleaned = clean_train_split(examples, excluded)
     if not examples:
         raise ValueError(f"task {tcfg.name!r} split {split!r}: no examples left ({read} read, {cleaned} removed by "
@@ -277,27 +361,48 @@ def build_split(family: TaskFamily, split: str, cfg: TaskBuildConfig, excluded: 
     examples = family.finalize_examples(examples, split)
     output = tcfg.split_dir(split)
     writer = TaskSetWriter(output, split, cfg.max_count, cfg.storage_options)
-    joined, missing = join_features(examples, family.image_slots, tcfg.features, cfg.storage_options)
-    written = 0
-    for example, images in joined:
-        writer.write(example.key, sample_members(tcfg.name, split, example, images), int(images[""].features.shape[0]))
-        written += 1
-    n_missing = sum(len(v) for v in missing.values())
-    if n_missing and not cfg.allow_missing:
-        writer.close({})  # leaves a consistent (partial) set behind, the error says what is missing
-        detail = "; ".join(f"{src} ({tcfg.features[src]}): {sorted(ids)[:10]}{' ...' if len(ids) > 10 else ''}"
-                           for src, ids in missing.items())
-        raise ValueError(f"task {tcfg.name!r} split {split!r}: {n_missing} image(s) referenced by the annotations are "
-                         f"not in the feature sets: {detail} (--allow-missing drops those examples, counted)")
+    written: list[TaskExample] = []  # in the order of the set's samples
+    try:
+        joined, missing = join_features(examples, family.image_slots, tcfg.features, cfg.storage_options)
+        with _bar(cfg, len(examples), f"{tcfg.name}/{split}") as bar:
+            for example, images in joined:
+                writer.write(example.key, sample_members(tcfg.name, split, example, images),
+                             int(images[""].features.shape[0]))
+                written.append(example)
+                bar.update(1)
+        n_missing = sum(len(v) for v in missing.values())
+        if n_missing and not cfg.allow_missing:
+            detail = "; ".join(f"{src} ({tcfg.features[src]}): {sorted(ids)[:10]}{' ...' if len(ids) > 10 else ''}"
+                               for src, ids in missing.items())
+            raise ValueError(f"task {tcfg.name!r} split {split!r}: {n_missing} image(s) referenced by the annotations "
+                             f"are not in the feature sets: {detail} (--allow-missing drops those examples, counted); "
+                             f"no manifest written")
+    except BaseException:
+        writer.abort()  # an error, SIGTERM or SIGINT: no partial set, no manifest
+        raise
     summary = dict(task=tcfg.name, split=split, examples_read=read, removed_by_clean_train_sets=cleaned,
-                   missing_images=n_missing, dropped_for_missing_images=len(examples) - written, samples=written,
+                   missing_images=n_missing, dropped_for_missing_images=len(examples) - len(written), samples=len(written),
                    seconds=round(time.time() - t0, 2))
     build_args = dict(format=tcfg.format, family=tcfg.family, annotations=tcfg.annotations, features=tcfg.features,
-                      max_count=cfg.max_count, **{k: v for k, v in summary.items() if k != "seconds"})
-    summary["manifest"] = writer.close(build_args)
+                      max_count=cfg.max_count, assets_source=family.assets.get("source", {"kind": "derived"}),
+                      **{k: v for k, v in summary.items() if k != "seconds"})
+    try:
+        summary["manifest"] = writer.close(build_args)
+    except BaseException:
+        writer.abort()
+        raise
+    family.split_written(split, written, output, cfg.storage_options)
     log.info("task %s split %s: %d samples (%d annotations, %d removed by clean_train_sets, %d missing images)",
-             tcfg.name, split, written, read, cleaned, n_missing)
+             tcfg.name, split, len(written), read, cleaned, n_missing)
     return summary
+
+
+def _bar(cfg: TaskBuildConfig, total: int, desc: str):
+    from tqdm import tqdm
+
+    # disable=None: tqdm shows the bar only when stderr is a terminal
+    return tqdm(total=total, unit="example", desc=desc, file=sys.stderr, disable=None if cfg.progress else True,
+                dynamic_ncols=True)
 
 
 def build_task(registry: Registry, task: str, cfg: TaskBuildConfig | None = None) -> dict[str, Any]:
@@ -306,13 +411,17 @@ def build_task(registry: Registry, task: str, cfg: TaskBuildConfig | None = None
     tcfg = registry.resolve(task)
     family = build_family(tcfg)
     splits = cfg.splits or tcfg.splits.all()
-    assets = load_or_build_assets(family, cfg)
     clean = registry.clean_train_sets if cfg.clean_train_sets is None else cfg.clean_train_sets
-    excluded, notes = (held_out_image_ids(registry, tcfg.image_domain) if clean and any(is_train_split(tcfg, s) for s in splits)
-                       else (None, []))
+    family.clean_train_sets = bool(clean)
+    assets = load_or_build_assets(family, cfg, registry)
+    excluded, notes = (held_out_image_ids(registry, tcfg.image_domain, tcfg.released)
+                       if clean and any(family.is_cleaned_split(s) for s in splits) else (None, []))
+    for note in notes:
+        log.info("task %s: clean_train_sets: %s", tcfg.name, note)
     summaries = [build_split(family, split, cfg, excluded) for split in splits]
     report = dict(task=tcfg.name, splits=summaries, clean_train_sets=bool(clean), excluded_test_images=len(excluded or ()),
-                  clean_notes=notes, assets={k: (len(v) if isinstance(v, list) else v) for k, v in assets.items()})
+                  clean_notes=notes, assets={k: (len(v) if isinstance(v, list) else v) for k, v in assets.items()},
+                  assets_source=describe_asset_source(assets.get("source", {"kind": "derived"})))
     storage.write_bytes(join_path(tcfg.shards, "build.json"), (json.dumps(report, indent=1) + "\n").encode(),
                         cfg.storage_options)
     return report
@@ -321,21 +430,55 @@ def build_task(registry: Registry, task: str, cfg: TaskBuildConfig | None = None
 # ------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, action="append", help="task name/title/id (repeatable, or comma list)")
-    p.add_argument("--registry", default=None, help="tasks.yaml (default: the packaged registry)")
+    p.add_argument("--registry", default=None,
+                   help="tasks.yaml (default: DATA_ROOT/tasks.yaml when --data-root has one, as the synthetic task "
+                        "writers make; else the packaged registry)")
     p.add_argument("--data-root", default=None, help="replaces {data_root} in tasks.yaml paths")
     p.add_argument("--splits", default=None, help="comma list (default: the task's train, val and test splits)")
-    p.add_argument("--max-count", type=int, default=1000, help="samples per tar")
+    p.add_argument("--max-count", type=int, default=1000, help="samples per tar (default: %(default)s)")
     p.add_argument("--no-clean-train-sets", action="store_true", help="keep test-split images in train splits")
     p.add_argument("--allow-missing", action="store_true", help="drop (and count) examples whose image has no features")
     p.add_argument("--rebuild-assets", action="store_true", help="rebuild the answer vocabulary / task assets")
+    p.add_argument("--released", default=None, metavar="DIR",
+                   help="the original's unpacked datasets.tar.gz (holding VQA/, gqa/, visual_genome/, cocoRetreival/, "
+                        "...): its label maps, hard-negative pools and test-id lists replace the derived ones")
+
+
+def registry_path(registry: str | None, data_root: str | None) -> str | None:
+    """--registry, else DATA_ROOT/tasks.yaml when it exists, else None (the packaged registry)."""
+    if registry is None and data_root is not None and os.path.isfile(os.path.join(data_root, "tasks.yaml")):
+        registry = os.path.join(data_root, "tasks.yaml")
+        log.info("using the registry %s (the one in --data-root; pass --registry to choose another)", registry)
+    return registry
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    registry = load_registry(args.registry, data_root=args.data_root)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    prog = "vilbert-ds shards task"
+    try:
+        with cleanup_on_sigterm():
+            return _main(args)
+    except (ValueError, KeyError, OSError) as e:  # refused input: a bad registry, annotations, missing features
+        print(f"{prog}: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
+    except BuildInterrupted as e:
+        print(f"{prog}: stopped by {e.signame}; the split in progress was removed (no manifest), rerun to build it",
+              file=sys.stderr)
+        return int(e.code)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (SIGINT); the split in progress was removed (no manifest), rerun to build it",
+              file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    registry = load_registry(registry_path(args.registry, args.data_root), data_root=args.data_root,
+                             released_root=getattr(args, "released", None))
     cfg = TaskBuildConfig(splits=args.splits, max_count=args.max_count,
                           clean_train_sets=False if args.no_clean_train_sets else None,
-                          allow_missing=args.allow_missing, rebuild_assets=args.rebuild_assets)
+                          allow_missing=args.allow_missing, rebuild_assets=args.rebuild_assets,
+                          progress=not getattr(args, "quiet", False))
     names = [n for spec in args.task for n in spec.split(",") if n]
     for name in names:
         report = build_task(registry, name, cfg)
@@ -343,10 +486,13 @@ def main(args: argparse.Namespace) -> int:
             print(f"{s['task']}/{s['split']}: {s['samples']} samples ({s['examples_read']} examples read, "
                   f"{s['removed_by_clean_train_sets']} removed by clean_train_sets, {s['missing_images']} missing images) "
                   f"-> {s['manifest']}")
+        print(f"{report['task']}: assets from {report['assets_source']}; clean_train_sets: "
+              f"{'; '.join(report['clean_notes']) or 'off'}")
     return 0
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m vilbert_ds.tasks.build", description=__doc__.splitlines()[0])
     add_arguments(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     sys.exit(main(parser.parse_args()))

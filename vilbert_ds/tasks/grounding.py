@@ -122,9 +122,12 @@ def region_rows(sample: Mapping[str, Any], max_regions: int, *, with_gt: bool, g
 
 
 def iou_with(boxes: np.ndarray, box: Any) -> np.ndarray:
-    """IoU of every row box [N, 4] with one box (x1 y1 x2 y2) -> [N] float32."""
+    """IoU of every row box [N, 4] with one box (x1 y1 x2 y2) -> [N] float32, in the original's
+    +1-pixel convention (`box_iou(pixel_inclusive=True)`), which its refer and pointing targets
+    and scores use."""
     ref = np.asarray(box, dtype=np.float32).reshape(1, 4)
-    return box_iou(torch.from_numpy(np.asarray(boxes, dtype=np.float32)), torch.from_numpy(ref))[:, 0].numpy()
+    return box_iou(torch.from_numpy(np.asarray(boxes, dtype=np.float32)), torch.from_numpy(ref),
+                   pixel_inclusive=True)[:, 0].numpy()
 
 
 def iou_targets(boxes: np.ndarray, box: Any, threshold: float | None) -> np.ndarray:

@@ -109,17 +109,20 @@ def argmax_accuracy(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1) == gold).float()
 
 
-def box_iou(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
+def box_iou(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, *, pixel_inclusive: bool = False) -> torch.Tensor:
     """IoU of absolute x1 y1 x2 y2 boxes: a [N, 4], b [M, 4] -> [N, M] float32.
 
-    Areas use (x2 - x1) * (y2 - y1) (continuous coordinates); empty boxes give IoU 0."""
+    Continuous coordinates by default: width = x2 - x1. `pixel_inclusive=True` is the original's
+    refer / pointing convention (x2, y2 are the last pixel inside the box): widths, heights and
+    intersection sides get + 1, so boxes that touch overlap by one pixel row. Empty boxes give 0."""
     a = torch.as_tensor(a, dtype=torch.float32)
     b = torch.as_tensor(b, dtype=torch.float32)
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    one = 1.0 if pixel_inclusive else 0.0
+    area_a = (a[:, 2] - a[:, 0] + one).clamp(min=0) * (a[:, 3] - a[:, 1] + one).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0] + one).clamp(min=0) * (b[:, 3] - b[:, 1] + one).clamp(min=0)
     lt = torch.maximum(a[:, None, :2], b[None, :, :2])
     rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
+    wh = (rb - lt + one).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
     union = area_a[:, None] + area_b[None, :] - inter
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))

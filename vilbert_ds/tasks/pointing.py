@@ -10,7 +10,8 @@ a hard-coded 101 (images with fewer than 100 detections shift the GT rows). Cand
 found by matching the annotated candidate boxes against the GT feature set's boxes, so the GT
 set may store its boxes in any order.
 
-Targets: IoU of each candidate with the answer box, zeroed below 0.5 (the answer itself has 1).
+Targets: IoU of each candidate with the answer box in the original's +1-pixel convention
+(`grounding.iou_with`), zeroed below 0.5 (the answer itself has 1).
 Loss: BCEWithLogits(mean over [B, C]) x C (= per-example sum; padded candidates add 0), the
 original's. Metric: accuracy = argmax over candidates == argmax of the target.
 

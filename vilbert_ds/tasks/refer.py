@@ -16,89 +16,37 @@ the global region (as the original).
 Public format (the `refer` toolkit's files, in the task's `annotations` directory):
 - `refs(unc).p` / `refs(umd).p`: a Python pickle of a list of refs
   `{ref_id, ann_id, image_id, split, sentences: [{sent_id, raw, sent, tokens}], sent_ids, category_id}`.
-  **Pickles are parsed safely**: a restricted unpickler accepts only plain lists, dicts,
-  strings and numbers and refuses any class or function reference (the only way a pickle runs
-  code), so no trust flag is needed; anything else is an error naming the file.
+  **Pickles are parsed safely** (`released.load_plain_pickle`, the one restricted unpickler of
+  the package): only plain lists, dicts, strings and numbers load, any class or function
+  reference (the only way a pickle runs code) is refused, so no trust flag is needed; anything
+  else is an error naming the file.
 - `instances.json`: COCO-style `{images, annotations: [{id, image_id, bbox: [x, y, w, h]}], categories}`;
   the referred box is the annotation `ann_id` of the ref.
+Both are read from the task's `annotations` directory, or, when the task has a `released`
+directory, from the original's layout there (`refcoco/refs(unc).p`, `refcoco+/...`, `refcocog/...`).
 Splits: refcoco/refcoco+ `train, val, testA, testB`; refcocog (umd) `train, val, test`.
 Prediction file: `[{"sent_id", "ref_id", "image_id", "bbox": [x, y, w, h], "iou", "correct"}]`
 (no public server exists for RefCOCO*; this is what the original's `eval_tasks.py` reports, with
 the box instead of the region index).
 
-IoU uses continuous coordinates (`metrics.box_iou`); the original adds 1 pixel to widths and
-heights, which changes IoUs of 100-pixel boxes by about 1%.
+IoU follows the original's +1-pixel convention (`grounding.iou_with`: widths, heights and the
+intersection's sides + 1), for the training targets and the accuracy alike.
 """
 from __future__ import annotations
 
-import io
-import pickle
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from ..data import storage
 from .base import TaskBatch, TaskExample, TaskFamily, collate_rows, join_path, pad_stack, read_json
 from .grounding import GT_SLOT, iou_targets, region_rows, xywh_to_xyxy
+from .released import load_plain_pickle
 
 REFER_FORMATS = {"refcoco_unc": ("refcoco", "unc"), "refcoco+_unc": ("refcoco+", "unc"),
                  "refcocog_umd": ("refcocog", "umd"), "refcocog_google": ("refcocog", "google")}
-
-
-# ------------------------------------------------------------------------------ safe pickle
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle refers to a class or function: refused, nothing was constructed."""
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    """Loads only plain data: every GLOBAL/STACK_GLOBAL (class, function) is refused, which is
-    what makes loading an untrusted pickle safe (no object can be constructed, no code run)."""
-
-    def __init__(self, file, where: str):
-        super().__init__(file, encoding="latin1")  # Python 2 `str` -> text; fixed below if it was UTF-8
-        self.where = where
-
-    def find_class(self, module: str, name: str):
-        raise UnsafePickleError(
-            f"{self.where}: refers to {module}.{name}; only plain lists, dicts, strings and numbers are accepted "
-            f"from annotation pickles (refusing to construct objects)"
-        )
-
-
-def _fix_text(value: Any) -> Any:
-    """Python 2 byte strings holding UTF-8 arrive as latin-1 mojibake; repair them."""
-    if isinstance(value, str):
-        try:
-            return value.encode("latin1").decode("utf-8")
-        except (UnicodeEncodeError, UnicodeDecodeError):
-            return value
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, list):
-        return [_fix_text(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_fix_text(v) for v in value)
-    if isinstance(value, dict):
-        return {_fix_text(k): _fix_text(v) for k, v in value.items()}
-    return value
-
-
-def load_plain_pickle(path: str) -> Any:
-    """A pickle of plain data (any protocol, Python 2 or 3) from a local path or fsspec URL."""
-    import fsspec
-
-    try:
-        with fsspec.open(path, "rb").open() as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file {path} does not exist") from None
-    try:
-        return _fix_text(_PlainUnpickler(io.BytesIO(data), path).load())
-    except UnsafePickleError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - truncated/corrupt pickles raise UnpicklingError, EOFError, ...
-        raise ValueError(f"annotation file {path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
 
 
 # ------------------------------------------------------------------------------ batch
@@ -131,8 +79,19 @@ class ReferFamily(TaskFamily):
     def refs_file(self) -> str:
         return f"refs({REFER_FORMATS[self.config.format][1]}).p"
 
+    @property
+    def refer_root(self) -> str:
+        """Where `refs(*).p` and `instances.json` are: with released files the original's layout
+        `{released}/{refcoco|refcoco+|refcocog}/` when it holds them, else (as for every released
+        file that is absent) the task's annotations directory."""
+        if self.config.released:
+            root = join_path(self.config.released, REFER_FORMATS[self.config.format][0])
+            if storage.exists(join_path(root, self.refs_file)):
+                return root
+        return self.config.annotations
+
     def read_annotations(self, split: str) -> list[TaskExample]:
-        root = self.config.annotations
+        root = self.refer_root
         refs_path = join_path(root, self.refs_file)
         inst_path = join_path(root, "instances.json")
         refs = load_plain_pickle(refs_path)

@@ -88,6 +88,10 @@ class TaskConfig:
     eval_batch_size: int = 1024
     num_epoch: int = 20
     twelve_in_one: bool = False
+    # the task's directory in the original's released `datasets.tar.gz` layout (its `dataroot`,
+    # e.g. datasets/VQA): label maps, hard-negative pools and test-id lists are read from there
+    # instead of being derived; "" = derive them (`released_root` empty)
+    released: str = ""
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -128,13 +132,19 @@ def default_registry_path() -> str:
     return str(resources.files("vilbert_ds") / "configs" / "tasks.yaml")
 
 
-def _substitute(value: Any, data_root: str) -> Any:
+def _substitute(value: Any, data_root: str, released_root: str = "") -> Any:
+    """`{data_root}` and `{released_root}` in strings; a string naming `{released_root}` while
+    it is empty becomes "" (no released files)."""
     if isinstance(value, str):
+        if "{released_root}" in value:
+            if not released_root:
+                return ""
+            value = value.replace("{released_root}", released_root.rstrip("/"))
         return value.replace("{data_root}", data_root)
     if isinstance(value, dict):
-        return {k: _substitute(v, data_root) for k, v in value.items()}
+        return {k: _substitute(v, data_root, released_root) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, data_root) for v in value]
+        return [_substitute(v, data_root, released_root) for v in value]
     return value
 
 
@@ -144,9 +154,10 @@ class Registry:
 
     tasks: dict[str, TaskConfig]
     clean_train_sets: bool = True
-    clean_id_files: dict[str, str] = field(default_factory=dict)
+    clean_id_files: dict[str, str] = field(default_factory=dict)  # image domain -> id list replacing the derived one
     path: str = ""
     data_root: str = "data"
+    released_root: str = ""  # the original's unpacked datasets.tar.gz ("" = derive every asset)
 
     def __getitem__(self, name: str) -> TaskConfig:
         return self.resolve(name)
@@ -170,15 +181,19 @@ class Registry:
 
 
 def load_registry(path: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
-                  overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Registry:
+                  overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                  released_root: str | os.PathLike | None = None) -> Registry:
     """Read tasks.yaml (the packaged one by default); `{data_root}` in paths is replaced by
-    `data_root` (default: the file's `data_root`). `overrides` = {task: {key: value}}."""
+    `data_root` (default: the file's `data_root`), `{released_root}` by `released_root` (default:
+    the file's; empty = no released files). `overrides` = {task: {key: value}}."""
     path = os.fspath(path) if path is not None else default_registry_path()
     with open(path, encoding="utf-8") as f:
         raw = yaml.safe_load(f) or {}
     if "tasks" not in raw or not isinstance(raw["tasks"], dict):
         raise ValueError(f"{path}: no 'tasks:' mapping")
     root = os.fspath(data_root) if data_root is not None else str(raw.get("data_root", "data"))
+    released = os.fspath(released_root) if released_root is not None else str(raw.get("released_root") or "")
+    released = released.replace("{data_root}", root)
     defaults = raw.get("defaults", {}) or {}
     known = {f.name for f in fields(TaskConfig)}
     tasks: dict[str, TaskConfig] = {}
@@ -189,7 +204,7 @@ def load_registry(path: str | os.PathLike | None = None, data_root: str | os.Pat
         if unknown:
             raise ValueError(f"{path}: task {name!r} has unknown keys {sorted(unknown)}; known: {sorted(known - {'name'})}")
         try:
-            cfg = TaskConfig(name=name, **_substitute(entry, root))
+            cfg = TaskConfig(name=name, **_substitute(entry, root, released))
         except TypeError as exc:  # a required key missing
             raise ValueError(f"{path}: task {name!r}: {exc}") from None
         if cfg.id in ids:
@@ -200,9 +215,10 @@ def load_registry(path: str | os.PathLike | None = None, data_root: str | os.Pat
     return Registry(
         tasks=tasks,
         clean_train_sets=bool(clean.get("enabled", True)),
-        clean_id_files=_substitute(dict(clean.get("id_files", {}) or {}), root),
+        clean_id_files={k: v for k, v in _substitute(dict(clean.get("id_files", {}) or {}), root, released).items() if v},
         path=path,
         data_root=root,
+        released_root=released,
     )
 
 

@@ -3,53 +3,68 @@
 One example per caption (image joined in). Two ways to score:
 
 Training and the per-step validation score (the original `RetreivalDataset`): each caption
-becomes 4 model rows, made in `collate`:
+becomes 4 model rows:
   1. the true pair (target index 0);
-  2. the same image + a random caption of another image;
-  3. a random other image + the same caption;
-  4. the same image + a *hard-negative* caption (training split) / a random caption (other splits).
+  2. the same image + a random caption of a random other image of the split;
+  3. a random other image of the split + the same caption;
+  4. training split: the same image + a caption of a *hard-negative* image (drawn from the
+     image's pool); other splits: a caption of a random other image.
 `vil_logit` [4B, 1] is reshaped to [B, 4]; loss = cross-entropy with target 0; score = 4-way
 accuracy (ties count as wrong: the answer is always option 0, which torch.max picks on ties).
-"Random" partners (options 2, 3, and 4 outside training) are drawn from the other examples of
-the same micro-batch (the stream is shuffled, so they are random examples of the
-split; draws come from each example's (seed, epoch, key) generator). A micro-batch in which every
-caption belongs to one image has no partner: the affected option falls back to a hard-negative
-caption with the true image (still a negative; counted in `fallback_negatives`). Unlike the
-original, option 3 never keeps stale boxes of the true image.
+"Random" is over the WHOLE split, as the original draws: each split has a negatives index
+(`negatives.npz` beside its manifest, `SplitNegatives`): every image, its captions (UTF-8 bytes)
+and the position of a sample of each caption in the set, plus the hard-negative pools of the
+training split. A data worker loads it once; option 2 and 4 captions come from it, option 3's
+image is one random-access read of another sample of the set (`data.stream.read_samples` at
+the manifest's byte offsets). Per worker that is the index in memory (COCO train: ~100 MB,
+45 MB of it the 100-image pools) and one extra sample read per example. Draws come
+from the example's (seed, epoch, key) generator, so a resumed run draws the same negatives.
+Unlike the original, option 3 never keeps stale boxes of the true image.
 
-Hard negatives: the original reads a pool per training image from `hard_negative.pkl`
-(similar images mined offline by a model, not published with a producer script). vilbert-ds
-builds the pool at shard-build time: the `hard_negative_pool` images whose captions are most
-similar by TF-IDF cosine (or the ranked lists of `options.hard_negatives_file`, JSON
-`{image_id: [image ids, most similar first]}`, e.g. mined by a model), and stores
-`hard_negatives_per_example` captions drawn from it in each example (`hard_captions`), so the
-shards stay self-contained; a step picks one at random.
+Hard negatives (the pool of an image: the images whose option-4 captions it gets):
+- the original's model-mined `hard_negative_cleaned.pkl` (clean_train_sets on) /
+  `hard_negative.pkl` in the task's `released` directory ({"train_image_list", "train_hard_pool":
+  [images, 100] nearest images, itself first}; read by the restricted unpickler, numeric arrays
+  only); a training image it lacks gets a TF-IDF pool (counted in the log);
+- `options.hard_negatives_file`: JSON `{image_id: [image ids, most similar first]}`;
+- otherwise (logged): the `hard_negative_pool` images whose captions are most similar by TF-IDF
+  cosine.
 
-Ranking evaluation (`evaluate_ranking`, the original `eval_retrieval.py`): every caption against
-every image of the split; the text batch of 1 is broadcast over a chunk of images inside the
-model (`ViLBert` fast mode). R@1/5/10 in both directions (caption->image and image->caption),
-median and mean rank. `zero_shot=True` scores with the *pretraining* alignment head
-(`seq_relationship`, softmax index 0 = aligned) and no task token, so a pretrained checkpoint
-without task heads can be evaluated (the original's `--zero_shot` path crashes). Distributed:
-each rank keeps the images of its share of the split, captions are all-gathered (small), each rank
-scores all captions against its images, and the per-image score columns are merged by image id,
-so the duplicates of padded last batches count once.
+Ranking evaluation (`evaluate_ranking`, the original `eval_retrieval.py`), two protocols:
+- `full` (default): every caption of the split against every image of the split, R@1/5/10 in
+  both directions (caption->image and image->caption), median and mean rank;
+- `paper` (`vilbert-ds eval --protocol paper`): the published numbers' protocol: caption->image
+  only, on the 1k test images (COCO: set 0 = the first 1,000 test images in the Karpathy file
+  order, the images of the original's `all_data_final_test_set0_2014.jsonline`; Flickr30k: its
+  1,000 test images), the first 5 captions of each image (the released file's captions when
+  given), R@1/5/10, median rank (floor of the median, as the original) and mean rank. The set is
+  stored in `assets.json` ("paper_protocol") at build time.
+The text batch of 1 is broadcast over a chunk of images inside the model (`ViLBert` fast mode).
+`zero_shot=True` scores with the *pretraining* alignment head (`seq_relationship`, softmax index
+0 = aligned) and no task token, so a pretrained checkpoint without task heads can be evaluated
+(the original's `--zero_shot` path crashes). Distributed: each rank keeps the images of its
+share of the split, captions are all-gathered (small), each rank scores all captions against its
+images, and the per-image score columns are merged by image id, so the duplicates of padded last
+batches count once. Ties count against the gold item (the original's argsort breaks them by
+position).
 
 Public format: Karpathy's split files in the task's `annotations` directory, `dataset_coco.json`
 / `dataset_flickr30k.json` = `{"images": [{split (train/val/test/restval), filename, cocoid (COCO),
 sentences: [{sentid, raw}]}]}`. Image ids: COCO `cocoid`, Flickr30k the file name without
 extension. COCO's `restval` joins the training split (`options.restval_in_train`). `eval_images`
-> 0 keeps the first N images of the evaluation splits (the original's COCO test used 1000).
+> 0 keeps the first N images of the evaluation splits (a smaller full-protocol ranking).
 Prediction files (no public server): 4-way records `[{"sent_id", "correct"}]`; ranking
-`{"text_to_image": [{"sent_id", "image_ids": top 10}], "image_to_text": [{"image_id", "sent_ids": top 10}]}`.
+`{"text_to_image": [{"sent_id", "image_ids": top 10}], "image_to_text": [{"image_id", "sent_ids": top 10}]}`
+(paper protocol: `text_to_image` only).
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import os
 import re
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,19 +74,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import TaskBatch, TaskExample, TaskFamily, collate_rows, join_path, pad_stack, read_json
+from ..data import storage
+from ..data.manifest import load_source
+from ..data.sample import Sample
+from ..data.stream import ReadOptions, StreamStats, read_samples
+from .base import TaskBatch, TaskExample, TaskFamily, collate_rows, describe_asset_source, join_path, pad_stack, read_json
 from .metrics import TaskMetric, _sort_key, rank_of_gold, recall_at_k
+from .loader import sample_dict
+from .released import load_hard_negative_pool, released_source
+
+log = logging.getLogger(__name__)
 
 NUM_OPTIONS = 4  # true pair, random caption, random image, hard-negative caption
+NEGATIVES_NAME = "negatives.npz"  # the split's negatives index, beside its manifest.json
+PAPER_IMAGES = 1000  # the paper protocol's test set: COCO 1k set 0, Flickr30k 1k
+PAPER_CAPTIONS = 5  # captions per image in the paper protocol (5,000 captions x 1,000 images)
+PAPER_TEST_FILE = "all_data_final_test_set0_2014.jsonline"  # the original's 1k test set
 _WORD = re.compile(r"[a-z0-9]+")
 
 
 @dataclass
 class RetrievalBatch(TaskBatch):
-    """4 consecutive rows per caption (see the module docstring); rows 4i are the true pairs."""
+    """4 consecutive rows per caption (see the module docstring); rows 4i are the true pairs
+    (1 row per caption while a ranking evaluation reads the split)."""
 
     label: torch.Tensor | None = None  # [B] int64, index of the true pair among the 4 options (0)
-    fallback_negatives: torch.Tensor | None = None  # [] int64: options that had no in-batch partner
     image_ids: list[str] = field(default_factory=list)  # per caption
     sent_ids: list[str] = field(default_factory=list)  # per caption
 
@@ -135,9 +162,99 @@ def strictly_correct(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return (gold[:, 0] > others.max(dim=1).values) & (label >= 0)
 
 
-def stable_rng(*parts: Any) -> np.random.Generator:
-    """A generator seeded by strings/ints, identical across processes (unlike hash())."""
-    return np.random.default_rng([zlib.crc32(str(p).encode("utf-8")) for p in parts])
+# ------------------------------------------------------------------------------ negatives index
+class SplitNegatives:
+    """Random access to a whole split for drawing negatives (module docstring): images [I] (ids
+    in set order of first appearance), captions grouped by image (image i owns captions
+    `image_captions[i]:image_captions[i+1]`; text = `caption_text[caption_offsets[c]:...+1]`
+    UTF-8), `caption_sample` [C] (position of the caption's sample in the split's manifest
+    order), `hard_pool` [I, P] int32 (indices of pool images, -1 = none; absent outside the
+    training split)."""
+
+    ARRAYS = ("images", "caption_text", "caption_offsets", "image_captions", "caption_sample", "hard_pool")
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], split_dir: str = ""):
+        for name in self.ARRAYS:
+            setattr(self, name, arrays[name])
+        self.split_dir = split_dir
+        self.index = {str(img): i for i, img in enumerate(self.images.tolist())}
+        self._reader = None
+        if len(self.images) < 2:
+            raise ValueError(f"{split_dir}: {len(self.images)} image(s) in the split; negatives need >= 2")
+
+    @staticmethod
+    def arrays(examples: Sequence[TaskExample], pools: Mapping[str, Sequence[str]] | None,
+               pool_size: int) -> dict[str, np.ndarray]:
+        """The index arrays of a split's examples (in set order) and image -> pool image ids."""
+        order: dict[str, list[int]] = {}
+        for pos, ex in enumerate(examples):
+            order.setdefault(str(ex.payload["image_id"]), []).append(pos)
+        images = list(order)
+        text, offsets, starts, positions = bytearray(), [0], [0], []
+        for img in images:
+            for pos in order[img]:
+                text += examples[pos].payload["caption"].encode("utf-8")
+                offsets.append(len(text))
+                positions.append(pos)
+            starts.append(len(positions))
+        at = {img: i for i, img in enumerate(images)}
+        if pools:
+            width = max(1, min(pool_size, max((len(v) for v in pools.values()), default=1)))
+            hard = np.full((len(images), width), -1, dtype=np.int32)
+            for img, i in at.items():
+                row = [at[j] for j in pools.get(img, ()) if j in at and j != img][:width]
+                hard[i, : len(row)] = row
+        else:
+            hard = np.zeros((len(images), 0), dtype=np.int32)
+        return {"images": np.asarray(images, dtype=str), "caption_text": np.frombuffer(bytes(text), dtype=np.uint8),
+                "caption_offsets": np.asarray(offsets, dtype=np.int64), "image_captions": np.asarray(starts, dtype=np.int64),
+                "caption_sample": np.asarray(positions, dtype=np.int64), "hard_pool": hard}
+
+    @classmethod
+    def load(cls, split_dir: str) -> "SplitNegatives":
+        url = join_path(split_dir, NEGATIVES_NAME)
+        try:
+            data = storage.read_bytes(url)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{url} is missing: rebuild the retrieval task shards (vilbert-ds shards task) to "
+                                    f"get the negatives index") from None
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return cls({name: npz[name] for name in cls.ARRAYS}, split_dir)
+
+    def caption(self, c: int) -> str:
+        return bytes(self.caption_text[self.caption_offsets[c]:self.caption_offsets[c + 1]]).decode("utf-8")
+
+    def image_of(self, image_id: str) -> int:
+        if image_id not in self.index:
+            raise KeyError(f"{self.split_dir}/{NEGATIVES_NAME}: image {image_id} is not in the index (rebuild the shards)")
+        return self.index[image_id]
+
+    def other_image(self, rng: np.random.Generator, i: int) -> int:
+        """A uniformly random image of the split other than image i (the original's rejection loop)."""
+        j = int(rng.integers(len(self.images) - 1))
+        return j + (j >= i)
+
+    def hard_image(self, rng: np.random.Generator, i: int) -> int:
+        """A uniformly random image of image i's hard-negative pool (a random other image if empty)."""
+        row = self.hard_pool[i]
+        row = row[row >= 0]
+        return int(row[int(rng.integers(len(row)))]) if len(row) else self.other_image(rng, i)
+
+    def random_caption(self, rng: np.random.Generator, image: int) -> int:
+        lo, hi = int(self.image_captions[image]), int(self.image_captions[image + 1])
+        return lo + int(rng.integers(hi - lo))
+
+    def sample_at(self, position: int):
+        """The set's sample at a position (manifest order): one ranged read."""
+        if self._reader is None:
+            manifest = load_source(join_path(self.split_dir, "manifest.json"))
+            opts = ReadOptions(storage_options={}, chunk_bytes=8 << 20, parallel=1, retries=6, backoff_s=0.25,
+                               on_error="fail", feature_dim=manifest.feature_dim, num_classes=manifest.num_classes)
+            self._reader = (manifest, np.cumsum([0] + [sh.count for sh in manifest.shards]), opts)
+        manifest, starts, opts = self._reader
+        shard = int(np.searchsorted(starts, position, side="right") - 1)
+        local = position - int(starts[shard])
+        return read_samples(manifest.shards[shard], [local], opts, StreamStats(), set())[local]
 
 
 # ------------------------------------------------------------------------------ ranking metric
@@ -148,10 +265,12 @@ class RankingMetric(TaskMetric):
     image. `gather()` all-gathers the columns as tensors (not pickled floats: a 5k x 25k COCO
     ranking is 125M scores)."""
 
-    def __init__(self, task: str, captions: Sequence[tuple[str, str]] = ()):
+    def __init__(self, task: str, captions: Sequence[tuple[str, str]] = (), protocol: str = "full"):
         super().__init__(task)
         self.captions = [(str(s), str(i)) for s, i in captions]
         self.columns: dict[str, torch.Tensor] = {}
+        self.protocol = protocol  # "full": both directions; "paper": caption->image, the original's median
+        self.note = ""  # what was ranked, for logs and the metrics file (set by evaluate_ranking)
 
     def update(self, records: Mapping[str, Mapping[str, Any]]) -> None:
         for image, record in records.items():
@@ -166,11 +285,12 @@ class RankingMetric(TaskMetric):
             self.records[image] = {"score": None}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "captions": self.captions,
+        return {"task": self.task, "captions": self.captions, "protocol": self.protocol,
                 "records": {img: {"score": None, "scores": col.tolist()} for img, col in self.columns.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.captions = [(str(s), str(i)) for s, i in state["captions"]]
+        self.protocol = state.get("protocol", "full")
         self.records, self.columns = {}, {}
         self.update(state["records"])
 
@@ -189,7 +309,8 @@ class RankingMetric(TaskMetric):
             local[:, : len(images)] = torch.stack([self.columns[i] for i in images], dim=1).to(device)
         parts = [torch.empty_like(local) for _ in ids]
         dist.all_gather(parts, local)
-        merged = RankingMetric(self.task, self.captions)
+        merged = RankingMetric(self.task, self.captions, self.protocol)
+        merged.note = self.note
         for part_ids, part in zip(ids, parts):
             part = part.cpu()
             merged.update({img: {"scores": part[:, k]} for k, img in enumerate(part_ids)})
@@ -210,6 +331,8 @@ class RankingMetric(TaskMetric):
 
     def summarize(self, records: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
         scores, images, gold = self.matrix(records)
+        if self.protocol == "paper":
+            return paper_summary(rank_of_gold(scores, gold), len(images))
         t2i = recall_at_k(rank_of_gold(scores, gold))
         i2t = recall_at_k(image_to_text_ranks(scores, gold))
         out = {f"t2i_{k}": v for k, v in t2i.items()} | {f"i2t_{k}": v for k, v in i2t.items()}
@@ -222,14 +345,29 @@ class RankingMetric(TaskMetric):
     def rankings(self, top: int = 10) -> dict[str, list[dict[str, Any]]]:
         scores, images, _ = self.matrix()
         k_img, k_cap = min(top, len(images)), min(top, len(self.captions))
+        if self.protocol == "paper":
+            k_cap = 0
         t2i = scores.topk(k_img, dim=1).indices.tolist() if k_img else [[] for _ in self.captions]
         i2t = scores.T.topk(k_cap, dim=1).indices.tolist() if k_cap else [[] for _ in images]
-        return {
-            "text_to_image": [{"sent_id": _id(s), "image_ids": [_id(images[j]) for j in row]}
-                              for (s, _), row in zip(self.captions, t2i)],
-            "image_to_text": [{"image_id": _id(img), "sent_ids": [_id(self.captions[j][0]) for j in row]}
-                              for img, row in zip(images, i2t)],
-        }
+        out = {"text_to_image": [{"sent_id": _id(s), "image_ids": [_id(images[j]) for j in row]}
+                                 for (s, _), row in zip(self.captions, t2i)]}
+        if self.protocol != "paper":
+            out["image_to_text"] = [{"image_id": _id(img), "sent_ids": [_id(self.captions[j][0]) for j in row]}
+                                    for img, row in zip(images, i2t)]
+        return out
+
+
+def paper_summary(ranks: torch.Tensor, num_images: int) -> dict[str, float]:
+    """The original `eval_retrieval.py` numbers from 1-based caption->image ranks [C]: R@1/5/10 (%),
+    median rank = floor of the (numpy, averaging) median, mean rank."""
+    r = ranks.double().numpy()
+    out = {f"t2i_R@{k}": float((r <= k).mean() * 100.0) if len(r) else 0.0 for k in (1, 5, 10)}
+    out["t2i_median_rank"] = float(np.floor(np.median(r))) if len(r) else 0.0
+    out["t2i_mean_rank"] = float(r.mean()) if len(r) else 0.0
+    out["score"] = out["t2i_R@1"] / 100.0
+    out["captions"] = out["count"] = float(len(r))
+    out["images"] = float(num_images)
+    return out
 
 
 def _id(value: str) -> int | str:
@@ -262,22 +400,30 @@ class RetrievalFamily(TaskFamily):
     class Options:
         restval_in_train: bool = True  # COCO Karpathy `restval` images join the training split
         hard_negative_pool: int = 100  # similar images per training image to draw hard negatives from
-        hard_negatives_per_example: int = 10  # captions from the pool stored in each example
-        hard_negatives_file: str = ""  # JSON {image_id: [similar image ids]}; empty = TF-IDF of captions
-        eval_images: int = 0  # >0: keep the first N images of non-training splits (COCO 1k test: 1000)
+        hard_negatives_file: str = ""  # JSON {image_id: [similar image ids]}; empty = released pool or TF-IDF
+        eval_images: int = 0  # >0: keep the first N images of non-training splits (full-protocol ranking)
         image_chunk: int = 500  # images per forward in ranking evaluation (the original: 500)
 
         def __post_init__(self) -> None:
-            for key in ("hard_negative_pool", "hard_negatives_per_example", "image_chunk"):
+            for key in ("hard_negative_pool", "image_chunk"):
                 if int(getattr(self, key)) < 1:
                     raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
             if self.eval_images < 0:
                 raise ValueError(f"eval_images={self.eval_images} must be >= 0 (0 = all)")
 
+    def __init__(self, config, tokenizer=None):
+        super().__init__(config, tokenizer)
+        self._negatives: dict[str, SplitNegatives] = {}  # per split, loaded once per process
+        self._pools: dict[str, dict[str, list[str]]] = {}  # build time: hard-negative pools per split
+        self._true_pairs_only = False  # a ranking evaluation reads the split: no negatives drawn
+
     # ------------------------------------------------------------------ annotations
     @property
     def annotation_file(self) -> str:
         return join_path(self.config.annotations, f"dataset_{self.config.format}.json")
+
+    def image_id(self, img: Mapping[str, Any]) -> str:
+        return str(img["cocoid"]) if self.config.format == "coco" else Path(str(img["filename"])).stem
 
     def read_annotations(self, split: str) -> list[TaskExample]:
         path = self.annotation_file
@@ -295,79 +441,135 @@ class RetrievalFamily(TaskFamily):
             if not train and self.options.eval_images and images >= self.options.eval_images:
                 break
             images += 1
-            image = str(img["cocoid"]) if self.config.format == "coco" else Path(str(img["filename"])).stem
+            image = self.image_id(img)
             for sent in img["sentences"]:
                 payload = {"sent_id": str(sent["sentid"]), "image_id": image, "caption": sent["raw"]}
                 out.append(TaskExample(str(sent["sentid"]), {"": image}, payload))
         return out
 
+    # ------------------------------------------------------------------ assets: the paper protocol's test set
+    @property
+    def released_test_file(self) -> str:
+        return join_path(self.config.released, PAPER_TEST_FILE) if self.config.released else ""
+
+    def asset_source(self) -> dict[str, Any]:
+        if self.released_test_file and storage.exists(self.released_test_file):
+            return released_source(self.released_test_file)
+        return {"kind": "derived", "paper_images": PAPER_IMAGES}
+
+    def build_assets(self, train_examples: Sequence[TaskExample]) -> dict[str, Any]:
+        """{"paper_protocol": {"split", "images": [ids in order], "captions_per_image": [n]}}:
+        the original's 1k test set file when released, else the first 1,000 test images of the
+        Karpathy file (COCO set 0; all 1,000 of Flickr30k)."""
+        split = self.config.splits.test[0] if self.config.splits.test else self.config.splits.val
+        if self.asset_source()["kind"] == "released":
+            path = self.released_test_file
+            images, counts = [], []
+            with storage.open_url(path, "rb") as f:
+                for n, line in enumerate(f.read().decode("utf-8").splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                        image = str(row["id"]) if self.config.format == "coco" else Path(str(row["img_path"])).stem
+                        counts.append(len(row["sentences"]))
+                    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                        raise ValueError(f"{path} line {n}: not an annotation line of the original ({exc})") from None
+                    images.append(image)
+        else:
+            data = read_json(self.annotation_file)
+            chosen = [img for img in data["images"] if str(img.get("split")) == split][:PAPER_IMAGES]
+            images = [self.image_id(img) for img in chosen]
+            counts = [min(PAPER_CAPTIONS, len(img["sentences"])) for img in chosen]
+        if not images:
+            raise ValueError(f"task {self.name!r}: no images for the paper protocol's {split} set")
+        return {"paper_protocol": {"split": split, "images": images, "captions_per_image": counts}}
+
+    # ------------------------------------------------------------------ hard-negative pools, negatives index
+    def hard_negative_source(self) -> str:
+        """The released pool file the original reads (cleaned or not, as clean_train_sets), if present."""
+        if not self.config.released:
+            return ""
+        name = "hard_negative_cleaned.pkl" if self.clean_train_sets else "hard_negative.pkl"
+        path = join_path(self.config.released, name)
+        return path if storage.exists(path) else ""
+
     def finalize_examples(self, examples: list[TaskExample], split: str) -> list[TaskExample]:
-        """Hard-negative captions per example, from a pool of similar images of the same split."""
+        """Marks the training split's examples for a hard-negative option 4 and computes the
+        split's hard-negative pools (stored in its negatives index by `split_written`)."""
+        images = sorted({ex.payload["image_id"] for ex in examples}, key=_sort_key)
+        if len(images) < 2:
+            raise ValueError(f"task {self.name!r} split {split!r}: {len(images)} image(s); negatives need >= 2")
+        train = split == self.config.splits.train
+        for ex in examples:
+            ex.payload["hard_option"] = train
+        if train:
+            self._pools[split] = self.hard_negative_pools(examples)
+        return examples
+
+    def hard_negative_pools(self, examples: Sequence[TaskExample]) -> dict[str, list[str]]:
+        """image -> similar images of the split: released pool, pool file or TF-IDF (logged)."""
         by_image: dict[str, list[str]] = {}
         for ex in examples:
             by_image.setdefault(ex.payload["image_id"], []).append(ex.payload["caption"])
-        if len(by_image) < 2:
-            raise ValueError(f"task {self.name!r} split {split!r}: {len(by_image)} image(s); negatives need >= 2")
-        if self.options.hard_negatives_file:
-            ranked = read_json(self.options.hard_negatives_file)
+        released = self.hard_negative_source()
+        if released or self.options.hard_negatives_file:
+            if released:
+                ranked, where = load_hard_negative_pool(released), released
+            else:
+                ranked, where = read_json(self.options.hard_negatives_file), self.options.hard_negatives_file
             pools = {img: [str(j) for j in ranked.get(img, []) if str(j) in by_image and str(j) != img]
                      [: self.options.hard_negative_pool] for img in by_image}
             empty = [img for img, p in pools.items() if not p]
             if empty:
-                raise ValueError(f"{self.options.hard_negatives_file}: no pool (within split {split!r}) for images {empty[:5]}")
-        else:
-            pools = tfidf_neighbours({img: " ".join(c) for img, c in by_image.items()}, self.options.hard_negative_pool)
-        train = split == self.config.splits.train
-        for ex in examples:
-            pool = pools[ex.payload["image_id"]]
-            rng = stable_rng(self.name, "hard", ex.example_id)
-            captions = []
-            for _ in range(self.options.hard_negatives_per_example):
-                pool_captions = by_image[pool[int(rng.integers(len(pool)))]]
-                captions.append(pool_captions[int(rng.integers(len(pool_captions)))])
-            ex.payload["hard_captions"] = captions
-            ex.payload["hard_option"] = train
-        return examples
+                tfidf = tfidf_neighbours({img: " ".join(c) for img, c in by_image.items()}, self.options.hard_negative_pool)
+                for img in empty:
+                    pools[img] = tfidf[img]
+            log.info("task %s: hard negatives from %s (%d images; %d not in it get a TF-IDF pool)", self.name, where,
+                     len(pools), len(empty))
+            return pools
+        log.info("task %s: hard negatives from TF-IDF caption similarity (%d images; no released hard_negative.pkl)",
+                 self.name, len(by_image))
+        return tfidf_neighbours({img: " ".join(c) for img, c in by_image.items()}, self.options.hard_negative_pool)
+
+    def split_written(self, split: str, examples: Sequence[TaskExample], output: str,
+                      storage_options: Mapping[str, Any] | None = None) -> None:
+        """Writes the split's negatives index (`negatives.npz`) beside its manifest."""
+        arrays = SplitNegatives.arrays(examples, self._pools.get(split), self.options.hard_negative_pool)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        storage.write_bytes(join_path(output, NEGATIVES_NAME), buf.getvalue(), dict(storage_options or {}))
+
+    def negatives(self, split: str) -> SplitNegatives:
+        if split not in self._negatives:
+            self._negatives[split] = SplitNegatives.load(self.config.split_dir(split))
+        return self._negatives[split]
 
     # ------------------------------------------------------------------ workers
     def preprocess(self, sample: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         task = self.task_record(sample)
-        hard = task["hard_captions"]
-        return {"key": sample["__key__"], "example_id": task.get("example_id", sample["__key__"]),
-                "image_id": str(task["image_id"]), "sent_id": str(task["sent_id"]),
-                "caption": self.encode(task["caption"]), "hard": self.encode(hard[int(rng.integers(len(hard)))]),
-                "image": self.image(sample), "draws": rng.random(3), "hard_option": bool(task.get("hard_option"))}
+        caption, image = self.encode(task["caption"]), self.image(sample)
+        out = {"key": sample["__key__"], "example_id": task.get("example_id", sample["__key__"]),
+               "image_id": str(task["image_id"]), "sent_id": str(task["sent_id"])}
+        if self._true_pairs_only:
+            return {**out, "texts": [caption], "images": [image]}
+        neg = self.negatives(task["split"])
+        i = neg.image_of(str(task["image_id"]))
+        other_caption = self.encode(neg.caption(neg.random_caption(rng, neg.other_image(rng, i))))
+        j = neg.other_image(rng, i)
+        other = neg.sample_at(int(neg.caption_sample[neg.random_caption(rng, j)]))
+        if not isinstance(other, Sample):
+            raise RuntimeError(f"task {self.name!r}: {getattr(other, 'reason', other)}")
+        other_image = self.image(sample_dict(other))
+        hard_image = neg.hard_image(rng, i) if task.get("hard_option") else neg.other_image(rng, i)
+        fourth = self.encode(neg.caption(neg.random_caption(rng, hard_image)))
+        return {**out, "texts": [caption, other_caption, caption, fourth], "images": [image, image, other_image, image]}
 
     def collate(self, examples: Sequence[Mapping[str, Any]]) -> RetrievalBatch:
-        image_ids = [ex["image_id"] for ex in examples]
-        rows, fallbacks = [], 0
-        for i, ex in enumerate(examples):
-            others = [j for j, img in enumerate(image_ids) if img != image_ids[i]]
-
-            def partner(draw: float) -> int | None:
-                return others[min(int(draw * len(others)), len(others) - 1)] if others else None
-
-            u2, u3, u4 = (float(u) for u in ex["draws"])
-            j2, j3 = partner(u2), partner(u3)
-            opt2 = examples[j2]["caption"] if j2 is not None else ex["hard"]
-            if j3 is not None:
-                opt3 = (ex["caption"], examples[j3]["image"])
-            else:
-                opt3 = (ex["hard"], ex["image"])
-            if ex["hard_option"]:
-                opt4 = ex["hard"]
-            else:
-                j4 = partner(u4)
-                opt4 = examples[j4]["caption"] if j4 is not None else ex["hard"]
-                fallbacks += j4 is None
-            fallbacks += (j2 is None) + (j3 is None)
-            rows.append({"key": ex["key"], "example_id": ex.get("example_id", ex["key"]),
-                         "texts": [ex["caption"], opt2, opt3[0], opt4],
-                         "images": [ex["image"], ex["image"], opt3[1], ex["image"]]})
-        fields = collate_rows(rows, self.config.id)
+        fields = collate_rows(examples, self.config.id)
         return RetrievalBatch(**fields, label=torch.zeros(len(examples), dtype=torch.int64),
-                              fallback_negatives=torch.tensor(fallbacks, dtype=torch.int64), image_ids=image_ids,
-                              sent_ids=[ex["sent_id"] for ex in examples], task=self.name)
+                              image_ids=[ex["image_id"] for ex in examples], sent_ids=[ex["sent_id"] for ex in examples],
+                              task=self.name)
 
     # ------------------------------------------------------------------ step
     def option_logits(self, output, batch: RetrievalBatch) -> torch.Tensor:
@@ -406,33 +608,57 @@ class RetrievalFamily(TaskFamily):
 
     # ------------------------------------------------------------------ ranking evaluation
     def evaluate_split(self, model: torch.nn.Module, loader: Iterable[RetrievalBatch], device: torch.device | str, *,
-                       float_dtype: torch.dtype = torch.float32, zero_shot: bool = False) -> RankingMetric:
+                       float_dtype: torch.dtype = torch.float32, zero_shot: bool = False,
+                       protocol: str = "full") -> RankingMetric:
         """The standard retrieval metric of a split (`vilbert-ds eval`): `evaluate_ranking`."""
-        return self.evaluate_ranking(model, loader, device=device, float_dtype=float_dtype, zero_shot=zero_shot)
+        return self.evaluate_ranking(model, loader, device=device, float_dtype=float_dtype, zero_shot=zero_shot,
+                                     protocol=protocol)
+
+    def paper_set(self) -> dict[str, Any]:
+        paper = self.assets.get("paper_protocol")
+        if not paper:
+            raise ValueError(f"task {self.name!r}: {self.config.shards}/assets.json has no paper_protocol test set; "
+                             f"rebuild the task shards (vilbert-ds shards task --task {self.name} --rebuild-assets)")
+        return paper
 
     @torch.no_grad()
     def evaluate_ranking(self, model: torch.nn.Module, batches: Iterable[RetrievalBatch], *,
                          device: torch.device | str = "cpu", float_dtype: torch.dtype | None = None,
-                         zero_shot: bool = False, image_chunk: int | None = None) -> RankingMetric:
-        """Scores every caption of the split against every image (see the module docstring).
+                         zero_shot: bool = False, image_chunk: int | None = None,
+                         protocol: str = "full") -> RankingMetric:
+        """Scores every caption of the split against every image (`full`), or the paper
+        protocol's 1k images x their first captions (`paper`); see the module docstring.
 
-        `batches` are this rank's batches of the split (the loader's; rows 4i are the true pairs);
-        returns the metric merged over all ranks (identical on every rank)."""
+        `batches` are this rank's batches of the split (the loader's; the first row of each
+        example is its true pair); returns the metric merged over all ranks (identical on
+        every rank)."""
+        if protocol not in ("full", "paper"):
+            raise ValueError(f"retrieval protocol {protocol!r}: choose 'full' or 'paper'")
+        paper = self.paper_set() if protocol == "paper" else None
+        wanted = set(paper["images"]) if paper else None
         chunk = int(image_chunk or self.options.image_chunk)
         captions: dict[str, tuple[str, list[int], list[int]]] = {}
         images: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for batch in batches:
-            first = batch.row_offsets[:-1]
-            for i, row in enumerate(first.tolist()):
-                length = int(batch.attention_mask[row].sum())
-                captions.setdefault(batch.sent_ids[i], (batch.image_ids[i], batch.input_ids[row, :length].tolist(),
-                                                        batch.token_type_ids[row, :length].tolist()))
-                regions = int(batch.image_mask[row].sum())
-                images.setdefault(batch.image_ids[i], (batch.image_feat[row, :regions].clone(),
-                                                       batch.image_loc[row, :regions].clone()))
+        self._true_pairs_only = True  # set before the loader's workers fork
+        try:
+            for batch in batches:
+                first = batch.row_offsets[:-1]
+                for i, row in enumerate(first.tolist()):
+                    if wanted is not None and batch.image_ids[i] not in wanted:
+                        continue
+                    length = int(batch.attention_mask[row].sum())
+                    captions.setdefault(batch.sent_ids[i], (batch.image_ids[i], batch.input_ids[row, :length].tolist(),
+                                                            batch.token_type_ids[row, :length].tolist()))
+                    regions = int(batch.image_mask[row].sum())
+                    images.setdefault(batch.image_ids[i], (batch.image_feat[row, :regions].clone(),
+                                                           batch.image_loc[row, :regions].clone()))
+        finally:
+            self._true_pairs_only = False
         all_captions = _all_gather_union(captions)
         order = sorted(all_captions, key=_sort_key)
-        metric = RankingMetric(self.name, [(s, all_captions[s][0]) for s in order])
+        if paper is not None:
+            order = _first_captions(order, all_captions, paper)
+        metric = RankingMetric(self.name, [(s, all_captions[s][0]) for s in order], protocol=protocol)
 
         image_ids = sorted(images, key=_sort_key)
         dtype = float_dtype or torch.float32
@@ -464,7 +690,32 @@ class RetrievalFamily(TaskFamily):
         finally:
             model.train(was_training)
         metric.update({img: {"scores": columns[:, k]} for k, img in enumerate(image_ids)})
-        return metric.gather()
+        if paper is not None:
+            source = describe_asset_source(self.assets.get("source", {"kind": "derived"}))
+            metric.note = (f"paper protocol: caption->image, {len(order)} captions x {len(paper['images'])} images of "
+                           f"the {paper['split']} set ({source})")
+        else:
+            metric.note = "full protocol: every caption x every image of the split, both directions"
+        merged = metric.gather()
+        if paper is not None:
+            missing = [img for img in paper["images"] if img not in merged.columns]
+            if missing:
+                raise ValueError(f"task {self.name!r}: the {paper['split']} shards lack {len(missing)} of the paper "
+                                 f"protocol's {len(paper['images'])} images (e.g. {missing[:5]}); build the split "
+                                 f"without options.eval_images and with its features")
+        return merged
+
+
+def _first_captions(order: list[str], captions: Mapping[str, tuple[str, Any, Any]], paper: Mapping[str, Any]) -> list[str]:
+    """The paper protocol's captions: the first `captions_per_image[k]` (by sentence id) of each
+    of its images, in the set's image order."""
+    by_image: dict[str, list[str]] = {}
+    for sent in order:
+        by_image.setdefault(captions[sent][0], []).append(sent)
+    out = []
+    for image, count in zip(paper["images"], paper["captions_per_image"]):
+        out.extend(by_image.get(image, [])[: int(count)])
+    return out
 
 
 def _all_gather_union(items: dict[str, Any]) -> dict[str, Any]:

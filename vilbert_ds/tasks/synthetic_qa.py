@@ -274,7 +274,8 @@ def write_feature_records(out_dir: Path, records: list[FeatureRecord]) -> str:
                 seen.add(rec.image_id)
                 write_tsv_row(f, rec, with_cls_prob=False)
     build(open_input("tsv", [str(tsv)]), None, BuildConfig(output=str(out_dir), prefix="features", max_count=64,
-                                                          missing_caption="none", progress=False))
+                                                          missing_caption="none", progress=False,
+                                                          rebuild=True))  # a rerun rewrites the TSV: replace
     tsv.unlink()
     return str(out_dir)
 
@@ -300,8 +301,12 @@ def make_synthetic_tasks(root: str | os.PathLike, tasks: list[str] | tuple[str, 
     raw = yaml.safe_load(Path(default_registry_path()).read_text(encoding="utf-8"))
     raw["data_root"] = str(root)
     for task, opts in overrides.items():
-        raw["tasks"][task].update(opts)
-        raw["tasks"][task].update((extra_overrides or {}).get(task, {}))
+        entry = raw["tasks"][task]
+        entry.update({k: v for k, v in opts.items() if k != "options"})
+        entry["options"] = {**(entry.get("options") or {}), **opts.get("options", {})}
+        if entry["options"].get("answers_from") and entry["options"]["answers_from"] not in tasks:
+            entry["options"]["answers_from"] = ""  # GenomeQA without VQA: its own label map
+        entry.update((extra_overrides or {}).get(task, {}))
     path = root / "tasks.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path

@@ -317,7 +317,7 @@ def _write_retrieval(task: str, world: SceneWorld, root: Path, spec: SceneSpec):
     name = "coco" if coco else "flickr30k"
     ann_dir = root / "annotations" / ("coco_retrieval" if coco else "flickr30k_retrieval")
     _dump(ann_dir / f"dataset_{name}.json", {"images": images, "dataset": name})
-    overrides = {"options": {"hard_negative_pool": 4, "hard_negatives_per_example": 4}}
+    overrides = {"options": {"hard_negative_pool": 4}}
     return _feature_sources(world, task, [i for v in ids.values() for i in v], with_gt=False), overrides
 
 

@@ -13,12 +13,27 @@ Public formats read (file names as published):
 - `gqa`: `{train,val,testdev,test}_balanced_questions.json` ({question id: {imageId, question,
   answer}}). Splits as VQA, trainval/minval from train + val.
 - `genome`: Visual Genome `question_answers.json` ([{id, qas: [{qa_id, image_id, question,
-  answer}]}]). Splits train (all but the last `holdout` questions by id) and val.
+  answer}]}]). Splits train (all but the last `holdout` questions by id) and val; both are
+  cleaned of held-out test images (the original cleans GenomeQA's val split too).
 
-The answer vocabulary (`assets.json` "answers", label index = position) holds the normalised
-answers seen at least `min_answer_count` times in the training split, most frequent first,
-at most `num_labels`. Prediction files: VQA `[{"question_id", "answer"}]`, GQA
-`[{"questionId", "prediction"}]`, Visual Genome `[{"question_id", "answer"}]`.
+The label map (`assets.json` "answers": label index = position = output unit of the head), from
+one of (`asset_source`, recorded in `assets.json` "source" and logged by the build):
+- released: the original's `cache/trainval_label2ans.pkl` (checked against
+  `trainval_ans2label.pkl`) under the task's `released` directory: the order the released
+  checkpoints were trained with;
+- another task's (`options.answers_from`): GenomeQA uses VQA's. The original scores GenomeQA on
+  the same 3129-way `vil_prediction` head as VQA (its BCE loss needs the target to be as wide as
+  the head), so one unit means one answer for both; a separate vocabulary would give the shared
+  units two meanings;
+- derived: the normalised answers seen at least `min_answer_count` times in the training split,
+  most frequent first, at most `num_labels`.
+Targets look answers up by their normalised form and as written (GQA's "t-shirt").
+
+At evaluation a model directory's `label_maps.json` (written by `vilbert-ds convert
+--label-maps` and by training runs) names what each head unit means; `set_head_answers` applies
+it, so predictions name the model's answers while scores still use the shards' targets.
+Prediction files: VQA `[{"question_id", "answer"}]`, GQA `[{"questionId", "prediction"}]`,
+Visual Genome `[{"question_id", "answer"}]`.
 """
 from __future__ import annotations
 
@@ -29,8 +44,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .base import TaskBatch, TaskExample, TaskFamily, collate_rows, join_path, read_json, records_from_scores
+from ..data import storage
+from .base import (TaskBatch, TaskExample, TaskFamily, collate_rows, describe_asset_source, join_path, read_json,
+                   records_from_scores)
 from .metrics import argmax_soft_score, normalize_vqa_answer, soft_scores
+from .released import ANS2LABEL, LABEL2ANS, load_label_map, released_source
 
 
 @dataclass
@@ -53,6 +71,7 @@ class VLClassifierFamily(TaskFamily):
     class Options:
         holdout: int = 3000  # questions (by id) held out of the training split as the val split
         min_answer_count: int = 9  # answers rarer than this in the training split are not labels
+        answers_from: str = ""  # a task whose label map this one shares (GenomeQA: vqa, one head)
 
         def __post_init__(self) -> None:
             if self.holdout < 0 or self.min_answer_count < 1:
@@ -66,6 +85,8 @@ class VLClassifierFamily(TaskFamily):
         super().__init__(config, tokenizer)
         if config.head not in ("vil_prediction", "vil_prediction_gqa"):
             raise ValueError(f"task {config.name!r}: a VL-classifier uses vil_prediction or vil_prediction_gqa, not {config.head}")
+        self._head: tuple[list[str], str] | None = None  # set_head_answers: (answers, where from)
+        self._head_index: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ annotations
     def read_annotations(self, split: str) -> list[TaskExample]:
@@ -150,10 +171,32 @@ class VLClassifierFamily(TaskFamily):
                 out.append(TaskExample(str(qid), {"": str(qa.get("image_id", image["id"]))}, payload))
         return self._holdout_split(out, split, "train", "val")
 
-    # ------------------------------------------------------------------ vocabulary and targets
+    # ------------------------------------------------------------------ label map and targets
+    def is_cleaned_split(self, split: str) -> bool:
+        # the original's GenomeQA removes the held-out test images from train AND val
+        return super().is_cleaned_split(split) or (self.config.format == "genome" and split == self.config.splits.val)
+
+    def asset_source(self) -> dict[str, Any]:
+        """The released label map when the task's released directory has one, else the shared
+        task's (GenomeQA without the VG files: VQA's), else derived."""
+        if self.released_label_map():
+            root = self.config.released.rstrip("/")
+            return released_source(f"{root}/{ANS2LABEL}", f"{root}/{LABEL2ANS}")
+        if self.options.answers_from:
+            return {"kind": "task", "task": self.options.answers_from}
+        return {"kind": "derived", "min_answer_count": self.options.min_answer_count}
+
+    def released_label_map(self) -> bool:
+        return bool(self.config.released) and storage.exists(f"{self.config.released.rstrip('/')}/{LABEL2ANS}")
+
     def build_assets(self, train_examples: Sequence[TaskExample]) -> dict[str, Any]:
-        """The answer vocabulary from the training split: normalised answers with at least
-        `min_answer_count` occurrences (VQA counts each question's consensus answer)."""
+        """The label map: the released files when the task has them, else the answers of the
+        training split with at least `min_answer_count` occurrences (VQA counts each question's
+        consensus answer), most frequent first."""
+        if self.released_label_map():
+            answers, files = load_label_map(self.config.released)
+            self._check_width(answers, f"{files[1]}")
+            return {"answers": answers, "dropped_answers": 0}
         counts: Counter[str] = Counter()
         for ex in train_examples:
             if "answer" in ex.payload:
@@ -166,18 +209,66 @@ class VLClassifierFamily(TaskFamily):
             )
         return {"answers": answers[: self.config.num_labels], "dropped_answers": max(0, len(answers) - self.config.num_labels)}
 
+    def shared_assets(self, task: str, assets: Mapping[str, Any]) -> dict[str, Any]:
+        """`options.answers_from`: the label map of `task` (its head must be this task's)."""
+        answers = list(assets["answers"])
+        self._check_width(answers, f"task {task!r} assets")
+        return {"answers": answers, "dropped_answers": 0}
+
+    def _check_width(self, answers: Sequence[str], where: str) -> None:
+        if len(answers) > self.config.num_labels:
+            raise ValueError(f"task {self.name!r}: {where} has {len(answers)} answers but head {self.config.head} "
+                             f"has num_labels={self.config.num_labels} outputs")
+
+    def answer_index(self, answers: Sequence[str]) -> dict[str, int]:
+        """answer -> label, looked up by the normalised form (VQA answers) and as written
+        (label maps made without the VQA normalisation, e.g. GQA's "t-shirt")."""
+        index = {normalize_vqa_answer(a): i for i, a in reversed(list(enumerate(answers)))}
+        index.update({a: i for i, a in reversed(list(enumerate(answers)))})
+        return index
+
     def finalize_examples(self, examples: list[TaskExample], split: str) -> list[TaskExample]:
-        """Soft-score targets over the vocabulary: `labels`/`scores` in the task JSON (answers
-        outside the vocabulary give no target, as in the original)."""
-        index = {a: i for i, a in enumerate(self.assets["answers"])}
+        """Soft-score targets over the label map: `labels`/`scores` in the task JSON (answers
+        outside the map give no target, as in the original)."""
+        index = self.answer_index(self.assets["answers"])
         for ex in examples:
             if "answers" not in ex.payload:
                 continue
             scores = soft_scores(ex.payload["answers"])
-            picked = [(index[a], s) for a, s in scores.items() if a in index]
-            ex.payload["labels"] = [i for i, _ in picked]
-            ex.payload["scores"] = [round(s, 4) for _, s in picked]
+            raw = {normalize_vqa_answer(a): a for a in ex.payload["answers"]}
+            picked = {}
+            for a, score in scores.items():
+                label = index.get(a, index.get(raw.get(a, a)))
+                if label is not None:
+                    picked[label] = max(score, picked.get(label, 0.0))
+            ex.payload["labels"] = list(picked)
+            ex.payload["scores"] = [round(s, 4) for s in picked.values()]
         return examples
+
+    # ------------------------------------------------------------------ the model's label map
+    def set_head_answers(self, answers: Sequence[str], source: str) -> None:
+        """What the model's head units mean (a model directory's `label_maps.json`): predictions
+        name these answers; scores look the predicted answer up in the shards' targets."""
+        answers = list(answers)
+        self._check_width(answers, source)
+        self._head = (answers, source)
+        index = self.answer_index(self.assets["answers"])
+        self._head_index = torch.tensor([index.get(a, -1) for a in answers], dtype=torch.int64)
+
+    @property
+    def head_answers(self) -> list[str]:
+        """The answer of each head unit: the model's label map if set, else the shards' (the
+        order the model was trained with when it was trained on these shards)."""
+        return self._head[0] if self._head is not None else list(self.assets["answers"])
+
+    def label_map_note(self) -> str:
+        """Which label map names the predictions and which the targets (for logs and metrics)."""
+        shards = describe_asset_source(self.assets.get("source", {"kind": "derived"}))
+        if self._head is None:
+            return f"{self.config.head} answers = the task shards' label map ({shards}, {len(self.assets['answers'])} answers)"
+        common = int((self._head_index >= 0).sum())
+        return (f"{self.config.head} answers from {self._head[1]} ({len(self._head[0])} answers, {common} in the task "
+                f"shards' label map, {shards})")
 
     # ------------------------------------------------------------------ workers
     def preprocess(self, sample: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -219,15 +310,21 @@ class VLClassifierFamily(TaskFamily):
         return loss, {"score": score}
 
     def _vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Predictions are answers of the vocabulary only (a smaller vocabulary than the head)."""
+        """Predictions are answers of the label map only (it may be smaller than the head)."""
         return logits[:, : len(self.assets["answers"])]
 
     def score(self, output, batch: ClassifierBatch) -> dict[str, dict[str, Any]]:
-        logits = self._vocab_logits(self.logits(output).float())
-        answers = self.assets["answers"]
-        picked = logits.argmax(dim=-1).tolist()
-        scores = argmax_soft_score(logits, batch.target)
-        return records_from_scores(batch.keys, scores, [answers[i] for i in picked], batch.labeled)
+        answers = self.head_answers
+        logits = self.logits(output).float()[:, : len(answers)]
+        picked = logits.argmax(dim=-1)
+        target = batch.target.float().to(picked.device)
+        if self._head_index is None:
+            scores = target.gather(1, picked[:, None])[:, 0]
+        else:  # the model's unit -> the shards' label; an answer the shards do not know scores 0
+            label = self._head_index.to(picked.device)[picked]
+            scores = torch.where(label >= 0, target.gather(1, label.clamp(min=0)[:, None])[:, 0], torch.zeros_like(label,
+                                 dtype=target.dtype))
+        return records_from_scores(batch.keys, scores, [answers[i] for i in picked.tolist()], batch.labeled)
 
     def prediction_entry(self, example_id: str, record: Mapping[str, Any]) -> dict[str, Any]:
         if self.config.format == "gqa":
