@@ -20,6 +20,7 @@ from vilbert_ds.model import ViLBert
 from vilbert_ds.model.config import tiny
 from vilbert_ds.predict import Predictor, Query
 from vilbert_ds.tasks.build import TaskBuildConfig, build_task, iter_feature_samples
+from vilbert_ds.tasks.label_maps import family_label_maps, write_label_maps
 from vilbert_ds.tasks.loader import EvalLoader, TaskDataConfig
 from vilbert_ds.tasks.registry import build_family, load_registry
 from vilbert_ds.tasks.synthetic_scenes import SceneSpec, make_scene_tasks
@@ -58,10 +59,7 @@ def tiny_model(with_task_heads: bool = True) -> ViLBert:
 def task_model(tmp_path_factory, registry):
     """A task model directory with the label map of the VQA shards it would have been trained on."""
     directory = save_model(tiny_model(), tmp_path_factory.mktemp("task_model") / "model")
-    with open(f"{registry['vqa'].shards}/assets.json", encoding="utf-8") as f:
-        answers = json.load(f)["answers"]
-    (directory / "label_maps.json").write_text(json.dumps({"format": "vilbert-ds label maps", "version": 1, "tasks": {
-        "vqa": {"head": "vil_prediction", "answers": answers, "source": "test: the vqa task shards"}}}))
+    write_label_maps(directory, family_label_maps({"vqa": build_family(registry["vqa"])}))  # as a training run does
     return directory
 
 
@@ -172,7 +170,7 @@ def test_vqa_tsv_row_matches_eval(registry_path, registry, task_model, tmp_path,
                                                                           tmp_path / "eval")}
     assert result["answer"] == predictions[task["example_id"]] == result["answers"][0]["answer"]
     family, out, batch, i = eval_outputs(cfg, task_model, split, task["example_id"])
-    answers = family.assets["answers"]
+    answers = family.head_answers
     logits = family.logits(out)[i, : len(answers)].float()
     probs = torch.softmax(logits, -1)
     for a in result["answers"]:

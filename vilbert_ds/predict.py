@@ -36,29 +36,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .data.formats import CcLmdbInput, NpzDirInput, PickleLmdbInput, TsvInput
+from .data.formats import BadRecord, CcLmdbInput, NpzDirInput, PickleLmdbInput, TsvInput
 from .data.manifest import MANIFEST_NAME, load_source
 from .data.sample import FeatureRecord, Sample, decode, encode, key_for
 from .model import ViLBert
-from .tasks.base import TaskExample, TaskFamily, slot_member
+from .tasks.base import TaskExample, TaskFamily, describe_asset_source, slot_member
 from .tasks.build import iter_feature_samples, sample_members
 from .tasks.grounding import GT_SLOT
+from .tasks.label_maps import LABEL_MAPS_NAME, find_label_maps, read_label_maps
 from .tasks.loader import TaskBatchMaker
 from .tasks.vl_binary import NLVR2_LABELS
 from .tasks.registry import Registry, TaskConfig, build_family, load_registry
 
-LABEL_MAPS_NAME = "label_maps.json"  # beside config.json + model.safetensors (the tasks area's format)
-LABEL_MAPS_FORMAT = "vilbert-ds label maps"
 PREDICT_SPLIT = "predict"  # the `split` a prediction's task sample carries
 FORMATS = ("tsv", "npz", "cc-lmdb", "lmdb-pickle", "shards")
 
@@ -133,23 +132,29 @@ def record_sample(record: FeatureRecord, source: str, feature_dim: int) -> Sampl
     return dataclasses.replace(sample, shard=source)
 
 
-def _tsv_records(path: str, sel: str | None, feature_dim: int) -> list[tuple[FeatureRecord, str]]:
+def _records(reader: Any, handles: Sequence[Any]) -> Iterator[FeatureRecord]:
+    """The shard builder's reader on some handles; an unreadable record is refused, named."""
+    for record in reader.read(handles):
+        if isinstance(record, BadRecord):
+            raise PredictError(str(record))
+        yield record
+
+
+def _tsv_records(path: str, sel: str | None, feature_dim: int) -> list[FeatureRecord]:
     """The row of image `sel` (or every row) of a bottom-up-attention TSV, read by the shard
     builder's reader. The feature width is taken from the row, so a wrong width is named."""
     reader = TsvInput([path], feature_dim=feature_dim)
     out = []
     with open(reader.paths[0], "rb") as f:
         for handle in reader.index():
-            _, start, end = handle
+            _, _, start, end = handle
             f.seek(start)
-            line = f.read(end - start)
-            cols = line.split(b"\t", 6)
-            if sel is not None and cols[0].decode("ascii", "replace") != sel:
+            cols = f.read(end - start).split(b"\t", 6)
+            if sel is not None and cols[0].decode("utf-8", "replace") != sel:
                 continue
-            where = f"{path} @byte {start}"
             width = _tsv_width(cols)
             rows = TsvInput([path], feature_dim=width) if width and width != feature_dim else reader
-            out.append((next(iter(rows.read([handle]))), where))
+            out.extend(_records(rows, [handle]))
             if sel is not None:
                 break
     if sel is not None and not out:
@@ -168,22 +173,23 @@ def _tsv_width(cols: list[bytes]) -> int:
         return 0
 
 
-def _npz_records(path: str, sel: str | None, feature_dim: int) -> list[tuple[FeatureRecord, str]]:
+def _npz_records(path: str, sel: str | None, feature_dim: int) -> list[FeatureRecord]:
     files = [path] if os.path.isfile(path) else sorted(str(p) for p in Path(path).glob("*.npz"))
     if sel is not None and os.path.isdir(path):
         named = os.path.join(path, f"{sel}.npz")
         files = [named] if os.path.isfile(named) else files
     out = []
     for file in files:
-        width = feature_dim
-        with np.load(file, allow_pickle=False) as z:
-            for name in ("features", "x"):
-                if name in z.files and z[name].ndim == 2:
-                    width = int(z[name].shape[1])
-                    break
-        record = next(iter(NpzDirInput([file], feature_dim=width).read([file])))
+        width = feature_dim  # the file's own width, so that a wrong one is named (not reshaped)
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                arrays = [z[name] for name in ("features", "x") if name in z.files]
+                width = int(arrays[0].shape[1]) if arrays and arrays[0].ndim == 2 else feature_dim
+        except (OSError, ValueError):
+            pass  # the reader names what is wrong with the file
+        record = next(_records(NpzDirInput([file], feature_dim=width), [file]))
         if sel is None or record.image_id == sel:
-            out.append((record, file))
+            out.append(record)
             if sel is not None:
                 break
     if sel is not None and not out:
@@ -191,19 +197,18 @@ def _npz_records(path: str, sel: str | None, feature_dim: int) -> list[tuple[Fea
     return out
 
 
-def _lmdb_records(path: str, kind: str, sel: str | None, feature_dim: int,
-                  trust_pickle: bool) -> list[tuple[FeatureRecord, str]]:
+def _lmdb_records(path: str, kind: str, sel: str | None, feature_dim: int, trust_pickle: bool) -> list[FeatureRecord]:
     reader = (CcLmdbInput([path], feature_dim=feature_dim) if kind == "cc-lmdb"
               else PickleLmdbInput([path], feature_dim=feature_dim, trust_pickle=trust_pickle))
     handles = reader.index()
     if sel is not None:
         by_key = [h for h in handles if h[1] == sel.encode()]
-        if by_key:  # an LMDB key (the downstream LMDBs key records by image id)
-            return [(r, f"{path} key {sel}") for r in reader.read(by_key)]
+        if by_key:  # an LMDB key (the downstream LMDBs key their records by image id)
+            return list(_records(reader, by_key))
     out = []
-    for handle, record in zip(handles, reader.read(handles)):
+    for record in _records(reader, handles):
         if sel is None or record.image_id == sel:
-            out.append((record, f"{path} key {handle[1].decode('utf-8', 'replace')}"))
+            out.append(record)
             if sel is not None:
                 break
     if sel is not None and not out:
@@ -270,7 +275,7 @@ def read_images(spec: str | os.PathLike, *, feature_dim: int = 2048, fmt: str | 
         raise PredictError(f"--format {kind!r}: choose one of {', '.join(FORMATS)}")
     if not records:
         raise PredictError(f"{path}: holds no image")
-    return [record_sample(rec, where, feature_dim) for rec, where in records]
+    return [record_sample(rec, rec.source or path, feature_dim) for rec in records]
 
 
 def read_image(spec: str | os.PathLike, **kwargs: Any) -> Sample:
@@ -470,7 +475,7 @@ class ClassifierAdapter(FamilyAdapter):
 
     def results(self, family, output, batch, prepared, top_k):
         records = family.score(output, batch)
-        answers = family.assets["answers"]
+        answers = family.head_answers
         logits = family.logits(output).float()[:, : len(answers)]
         probs = _softmax(logits)
         out = []
@@ -568,9 +573,8 @@ class RetrievalAdapter(FamilyAdapter):
 
     @staticmethod
     def pair(sent_id: str, image_id: str, caption: str) -> dict[str, Any]:
-        # hard_captions / hard_option only shape the 4-way training options, which ranking ignores
-        return {"sent_id": sent_id, "image_id": image_id, "caption": caption, "hard_captions": [caption],
-                "hard_option": False}
+        # hard_option only shapes the 4-way training options, which a ranking never draws
+        return {"sent_id": sent_id, "image_id": image_id, "caption": caption, "hard_option": False}
 
 
 ADAPTERS: dict[str, FamilyAdapter] = {
@@ -604,26 +608,18 @@ def load_predict_model(source: str | os.PathLike, config: Any = "base_6layer_6co
     from .evaluate import load_eval_model
 
     verify_source(p)
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation narrates on stdout (--json reads it)
+    # DeepSpeed's consolidation narrates on stdout and draws progress bars: not predict's output
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return load_eval_model(p)
-
-
-def find_label_map(source: str | os.PathLike) -> Path | None:
-    """`label_maps.json` of a model directory, or of the run owning a run / checkpoint directory
-    (`run/checkpoints/stepN` -> `run`)."""
-    p = Path(source)
-    for candidate in (p, *list(p.parents)[:2]) if p.is_dir() else (p.parent,):
-        if (candidate / LABEL_MAPS_NAME).is_file():
-            return candidate / LABEL_MAPS_NAME
-    return None
 
 
 def model_label_map(source: str | os.PathLike, family: TaskFamily,
                     explicit: str | os.PathLike | None = None) -> tuple[list[str], str]:
     """(answers by head unit, where they come from) for an answer-vocabulary task: `explicit`
-    (a label_maps.json, or a task shard set's assets.json), else the model's label_maps.json."""
+    (a label_maps.json, or a task shard set's assets.json), else the model's label_maps.json
+    (`tasks.label_maps`: beside config.json, or in the run owning a checkpoint)."""
     cfg = family.config
-    path = Path(explicit) if explicit else find_label_map(source)
+    path = Path(explicit) if explicit else find_label_maps(source)
     if path is None:
         raise PredictError(
             f"task {cfg.name}: {source} carries no label map ({LABEL_MAPS_NAME} beside config.json) saying which "
@@ -635,19 +631,17 @@ def model_label_map(source: str | os.PathLike, family: TaskFamily,
     except (OSError, json.JSONDecodeError) as exc:
         raise PredictError(f"{path}: not a readable label map ({exc})") from None
     if isinstance(raw, dict) and isinstance(raw.get("answers"), list):  # a task shard set's assets.json
-        answers, note = raw["answers"], f"{path} (task shards' label map)"
-    elif isinstance(raw, dict) and raw.get("format") == LABEL_MAPS_FORMAT and isinstance(raw.get("tasks"), dict):
-        shared = getattr(family.options, "answers_from", "") or ""
-        entry = raw["tasks"].get(cfg.name) or raw["tasks"].get(shared)
-        if entry is None:
-            raise PredictError(f"{path} has no label map for task {cfg.name} (it has: {', '.join(raw['tasks'])})")
-        if entry.get("head") != cfg.head:
-            raise PredictError(f"{path}: the label map of task {cfg.name} is for head {entry.get('head')}, the task "
-                               f"uses {cfg.head}")
-        answers, note = entry["answers"], f"{path} ({entry.get('source', 'no source given')})"
+        answers = raw["answers"]
+        note = f"{path} (task shards' label map, {describe_asset_source(raw.get('source', {'kind': 'derived'}))})"
     else:
-        raise PredictError(f"{path}: expected a {LABEL_MAPS_NAME} ({{'format': {LABEL_MAPS_FORMAT!r}, 'tasks': ...}}) "
-                           f"or a task shards' assets.json ({{'answers': [...]}})")
+        maps = read_label_maps(path)
+        entry = maps.get(cfg.name) or maps.get(getattr(family.options, "answers_from", "") or "")
+        if entry is None:
+            raise PredictError(f"{path} has no label map for task {cfg.name} (it has: {', '.join(maps) or 'none'})")
+        if entry["head"] != cfg.head:
+            raise PredictError(f"{path}: the label map of task {cfg.name} is for head {entry['head']}, the task uses "
+                               f"{cfg.head}")
+        answers, note = entry["answers"], f"{path} ({entry.get('source', 'no source given')})"
     if not answers or not all(isinstance(a, str) for a in answers) or len(answers) > cfg.num_labels:
         raise PredictError(f"{path}: task {cfg.name} needs 1..{cfg.num_labels} answer strings, got {len(answers)}")
     return list(answers), note
@@ -867,6 +861,8 @@ class Predictor:
                                                                captions[k % len(captions)])),
                              {"": samples[k % len(samples)]})
                     for k in range(max(len(captions), len(samples)))]
+        # made lazily while evaluate_ranking consumes them, as it consumes the eval loader: the
+        # family preprocesses them as in a ranking evaluation (true pairs, no negatives drawn)
         batches = (batch for batch, _ in self._batches(family, prepared, batch_size))
         metric = family.evaluate_ranking(self.model, batches, device=self.device, float_dtype=self.dtype,
                                          zero_shot=zero_shot)
