@@ -391,6 +391,8 @@ def test_refused_inputs_are_one_line(registry_path, registry, task_model, pretra
                                             "--features", f"{feats}#{image}")
     assert "unknown task 'vqa3'" in refused(capsys, "--model", task_model, "--task", "vqa3", *base,
                                             "--features", f"{feats}#{image}")
+    assert "not supported by predict" in refused(capsys, "--model", task_model, "--task", "vcr_q_a", *base,
+                                                 "--features", f"{feats}#{image}")
     bare = save_model(tiny_model(), tmp_path / "no_label_map")
     err = refused(capsys, "--model", bare, "--task", "vqa", *base, "--features", f"{feats}#{image}")
     assert "carries no label map" in err and "--label-map" in err

@@ -387,7 +387,7 @@ class RankingResult:
 
     def to_dict(self, top_k: int = 5) -> dict[str, Any]:
         return {"task": self.task, "head": self.head, "captions": self.captions, "image_ids": self.image_ids,
-                "scores": self.scores.round(6).tolist(),
+                "scores": self.scores.astype(np.float64).round(6).tolist(),
                 "image_captions": self.image_captions,
                 "text_to_image": [{"caption": c, "images": [{"image_id": self.image_ids[j], "score": round(s, 6)}
                                                             for j, s in self.images_for(k, top_k)]}
