@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from vilbert_ds.data.batch import PretrainBatch, VisionTextBatch
+from vilbert_ds.data.batch import PretrainBatch
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -286,20 +286,10 @@ def make_batch(cfg, shape: Shape, batch: int, seed: int = 0):
     for i in range(B):
         answers = torch.randint(0, cfg.num_vqa_labels, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g)
         target[i, answers] = torch.tensor([1.0, 0.6, 0.3][: len(answers)])
-    return VqaBatch(**common, task_ids=torch.full((B, 1), VQA_TASK_ID), target=target.half())
+    from vilbert_ds.tasks.vl_classifier import ClassifierBatch
 
-
-@dataclass
-class VqaBatch(VisionTextBatch):
-    """A VQA training batch: the task token id [B, 1] and soft answer scores [B, 3129]."""
-
-    task_ids: torch.Tensor | None = None
-    target: torch.Tensor | None = None
-
-    def model_inputs(self) -> dict[str, Any]:
-        return dict(input_ids=self.input_ids, image_feat=self.image_feat, image_loc=self.image_loc,
-                    token_type_ids=self.token_type_ids, attention_mask=self.attention_mask,
-                    image_attention_mask=self.image_mask, task_ids=self.task_ids)
+    return ClassifierBatch(**common, task_ids=torch.full((B, 1), VQA_TASK_ID), target=target.half(),
+                           labeled=torch.ones(B, dtype=torch.bool), task="vqa")
 
 
 def flops_per_sample(cfg, shape: Shape, *, plain: bool = False) -> float:
@@ -324,36 +314,33 @@ def flops_per_sample(cfg, shape: Shape, *, plain: bool = False) -> float:
 
 
 # ============================================================================ objectives
+def vqa_family():
+    """The package's VQA task family (VL-classifier: its head, BCE x 3129 loss and score) with a
+    stand-in answer vocabulary, so that no task shards are needed."""
+    from vilbert_ds.tasks.registry import build_family, load_registry
+
+    family = build_family(load_registry()["vqa"])
+    family.set_assets({"answers": [f"answer{i}" for i in range(family.config.num_labels)]})
+    return family
+
+
 def build_objective(cfg, shape: Shape, *, plain: bool = False):
     """"Model + loss" modules: `forward(batch) -> (loss, metrics)`.
 
-    vilbert-ds: pretraining = `vilbert_ds.pretrain.PretrainObjective` (the real one); VQA = the
-    VL-classifier family's step (VQA head only, BCE-with-logits x 3129). Plain: the same model
-    computing every head on every position (the original's forward) and the original's losses
-    on the full logits.
+    vilbert-ds: the package's own objectives (`vilbert_ds.objectives`): pretraining =
+    `PretrainObjective`, VQA = `TaskObjective` over the VQA family (VQA head only, BCE-with-logits
+    x 3129). Plain: the same model computing every head on every position (the original's
+    forward) and the original's losses on the full logits.
     """
     import torch.nn.functional as F
     from torch import nn
 
     from vilbert_ds.model import ViLBert
-    from vilbert_ds.pretrain import PretrainObjective
+    from vilbert_ds.objectives import PretrainObjective, TaskObjective
 
     model = ViLBert(cfg)
-    if shape.name == "pretrain" and not plain:
-        return PretrainObjective(model)
-
-    class VqaObjective(nn.Module):
-        """The VL-classifier training step (vilbert_ds/tasks: VQA head only, task token 1)."""
-
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, batch):
-            out = self.model(**batch.model_inputs(), heads=("vil_prediction",))
-            logits = out.vil_prediction
-            loss = F.binary_cross_entropy_with_logits(logits.float(), batch.target.float()) * logits.size(1)
-            return loss, {}
+    if not plain:
+        return PretrainObjective(model) if shape.name == "pretrain" else TaskObjective(model, {"vqa": vqa_family()})
 
     class PlainPretrainObjective(nn.Module):
         """The original BertForMultiModalPreTraining step: all heads over every position, then
@@ -389,9 +376,7 @@ def build_objective(cfg, shape: Shape, *, plain: bool = False):
             loss = F.binary_cross_entropy_with_logits(logits, batch.target) * logits.size(1)
             return loss, {}
 
-    if shape.name == "vqa":
-        return (PlainVqaObjective if plain else VqaObjective)(model)
-    return PlainPretrainObjective(model)
+    return PlainVqaObjective(model) if shape.name == "vqa" else PlainPretrainObjective(model)
 
 
 def set_attention_impl(module, impl: str) -> None:
@@ -516,7 +501,7 @@ class Step:
 
 
 def build_step(spec: StepSpec, *, seed: int = 0, zero_options: dict[str, Any] | None = None) -> Step:
-    """Build `spec`: the vilbert-ds step through a DeepSpeed engine (as `vilbert_ds.pretrain` runs
+    """Build `spec`: the vilbert-ds step through a DeepSpeed engine (as `vilbert_ds.train` builds
     it), or the plain step (eager attention with an explicit mask, every head, one parameter group
     per tensor, torch AdamW in its single-tensor for-loop form, fp32, no DeepSpeed).
     `zero_options` are merged into the `zero_optimization` section (e.g. a shipped config's)."""
@@ -547,19 +532,13 @@ def build_step(spec: StepSpec, *, seed: int = 0, zero_options: dict[str, Any] | 
         return Step(spec, run, (objective, opt), torch.float32, batch, spec.batch, objective)
 
     init_single_process_group(spec.gpu)
-    from vilbert_ds.engine import (build_engine, enable_activation_checkpointing, engine_float_dtype, param_groups,
-                                   validate_ds_config)
+    from vilbert_ds.engine import build_training_engine, engine_float_dtype, validate_ds_config
 
     config = ds_config(spec)
     config["zero_optimization"].update(zero_options or {})
     world = torch.distributed.get_world_size()
     settings = validate_ds_config(config, source=f"bench:{spec.label()}", world_size=world)
-    if spec.checkpointing:
-        enable_activation_checkpointing(objective.model, settings)
-    groups = param_groups(objective.model, lr=settings.lr, weight_decay=settings.weight_decay)
-    engine = build_engine(objective, settings, groups)
-    if spec.compile:
-        engine.compile()
+    engine = build_training_engine(objective, settings, compile=spec.compile)  # what every training run assembles
     engine.train()
     dtype = engine_float_dtype(engine)
 

@@ -25,57 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
+import model_step  # noqa: E402 - measures the plain step with the others; this question reads its table
 
 CPU_BATCH = {"tiny": 16, "base_2layer_2conect": 4, "base_6layer_6conect": 4}
 GPU_BATCH = {"tiny": 128, "base_2layer_2conect": 64, "base_6layer_6conect": 64}
-COLUMNS = ["config", "shape", "batch", "step", "samples/s", "speedup", "speedup (cpu)", "peak MiB", "mem x plain",
-           "GFLOP/sample", "loss rel diff"]
-
-
-def eval_loss(step: C.Step, gpu: bool) -> float:
-    import model_step
-
-    return model_step.eval_loss(step, gpu)
-
-
-def table_from_rows(rows: list[dict], gpu: bool) -> C.Table:
-    """The question-2 table from `model_step.measure_group` rows that include the plain step.
-    Ratios go through each variant's own-round baseline: speedup = x_base(variant) / x_base(plain)."""
-    table = C.Table("Q2 vilbert-ds vs a straightforward implementation (same process, same batch, same weights)",
-                    [c for c in COLUMNS if not (gpu and c == "speedup (cpu)")])
-    groups: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        groups.setdefault((r["config"], r["shape"], r["batch"]), {})[r["variant"]] = r
-    names = {"plain": "plain", "baseline": "vilbert-ds fp32", "bf16": "vilbert-ds bf16"}
-    for (config, shape, batch), by_variant in groups.items():
-        plain = by_variant.get("plain")
-        if plain is None:
-            continue
-        for v in ("plain", "baseline", "bf16"):
-            r = by_variant.get(v)
-            if r is None or (v == "bf16" and not gpu):
-                continue
-            table.add(**{"config": config, "shape": shape, "batch": batch, "step": names[v],
-                         "samples/s": r["samples/s"],
-                         "speedup": r["x base"] / plain["x base"],
-                         "speedup (cpu)": r["x base (cpu)"] / plain["x base (cpu)"],
-                         "peak MiB": r["peak MiB"], "mem x plain": r["peak MiB"] / plain["peak MiB"],
-                         "GFLOP/sample": r["GFLOP/sample"],
-                         "loss rel diff": plain.get("loss rel diff") if v == "baseline" else None})
-    table.notes += [
-        "speedup = plain step time / step time, interleaved in the same rounds (>1: vilbert-ds is faster); "
-        "(cpu) from process CPU time",
-        "GFLOP/sample: analytic training FLOPs; the plain step's extra ones are the heads over unmasked positions",
-        "loss rel diff: eval-mode loss of the same batch and weights, plain vs vilbert-ds fp32 (same model, same "
-        "losses: it must be ~1e-7)",
-    ]
-    return table
+eval_loss = model_step.eval_loss  # the loss check, re-exported (tests/test_bench_smoke.py)
 
 
 def run(quick: bool = True, gpu: bool = False, *, configs=None, shapes=None, batch: int | None = None,
         budget_s: float | None = None) -> list[C.Table]:
-    import model_step
-
     if configs is None:
         if gpu:
             configs = ("base_2layer_2conect", "base_6layer_6conect")
@@ -96,7 +54,7 @@ def run(quick: bool = True, gpu: bool = False, *, configs=None, shapes=None, bat
                                              max_alive_params=1.2e9 if gpu else 4e8)
             print(f"[vs_plain] {C.SHORT_NAMES[config]} {shape} batch {b}: {time.perf_counter() - start:.0f}s",
                   file=sys.stderr, flush=True)
-    return [table_from_rows(rows, gpu)]
+    return [model_step.plain_table(rows, gpu)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -260,3 +260,25 @@ def test_rng_capture_restore_roundtrip_is_plain_json():
     restore_rng(state)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_trainer_states_written_before_the_one_training_path_are_upgraded():
+    """Checkpoints of the former pretraining trainer ("trainer", one loader) and multi-task trainer
+    ("multitask") resume: their client_state maps onto the one Trainer's (verified end to end by
+    hand: an old run resumed by this code ends bitwise equal to an uninterrupted new run)."""
+    from vilbert_ds.trainer import STATE_VERSION, upgrade_state
+
+    loader = {"epoch": 1, "consumed": 3}
+    old = {"trainer": {"step": 7, "samples_seen": 56, "epoch": 1, "loader": loader, "schedule": {"last_step": 7},
+                       "batch_sizes": {"micro": 4, "accumulation": 1, "global": 8}, "world_size": 2}}
+    state, rank = upgrade_state(old, {"rng": "R", "loader": loader})
+    assert state["epochs"] == {"train": 1} and state["micro_batches"] == {"train": 4} and state["sampler"] is None
+    assert state["updates"] == {"train": 7} and rank == {"rng": "R", "loaders": {"train": loader}}
+    mt = {"multitask": {"iteration": 5, "epoch": 0, "updates": {"vqa": 5}, "examples": {"vqa": 40}, "val_scores": {},
+                        "task_epochs": {"vqa": 2}, "sampler": {"kind": "round_robin"}, "schedule": {"last_step": 5},
+                        "world_size": 1, "tasks": ["vqa"], "micro_batches": {"vqa": 8}}}
+    state, rank = upgrade_state(mt, {"rng": "R", "loaders": {"vqa": loader}})
+    assert state["step"] == 5 and state["samples_seen"] == 40 and state["epochs"] == {"vqa": 2}
+    assert rank["loaders"] == {"vqa": loader}
+    current = {"trainer": {"version": STATE_VERSION, "step": 1}}
+    assert upgrade_state(current, None) == (current["trainer"], None)

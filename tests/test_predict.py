@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from vilbert_ds.cli import main as cli
+from vilbert_ds.data.config import DataConfig
 from vilbert_ds.data.sample import FeatureRecord
 from vilbert_ds.data.tokenizer import load_tokenizer
 from vilbert_ds.model import ViLBert
@@ -21,7 +22,7 @@ from vilbert_ds.model.config import tiny
 from vilbert_ds.predict import Predictor, Query
 from vilbert_ds.tasks.build import TaskBuildConfig, build_task, iter_feature_samples
 from vilbert_ds.tasks.label_maps import family_label_maps, write_label_maps
-from vilbert_ds.tasks.loader import EvalLoader, TaskDataConfig
+from vilbert_ds.tasks.loader import EvalLoader
 from vilbert_ds.tasks.registry import build_family, load_registry
 from vilbert_ds.tasks.synthetic_scenes import SceneSpec, make_scene_tasks
 from vilbert_ds.weights import save_model
@@ -127,7 +128,7 @@ def eval_outputs(cfg, model_dir, split, example_id):
     the model's output on it, and the example's index in it."""
     family = build_family(cfg, load_tokenizer())
     model = Predictor.from_pretrained(model_dir, device="cpu").model
-    loader = EvalLoader(family, split, TaskDataConfig(num_workers=0), rank=0, world_size=1, micro_batch_size=3)
+    loader = EvalLoader(family, split, DataConfig(num_workers=0), rank=0, world_size=1, micro_batch_size=3)
     for batch in loader:
         if example_id in batch.keys:
             batch = batch.to("cpu", float_dtype=torch.float32)
@@ -279,7 +280,7 @@ def test_retrieval_scores_match_eval_ranking(registry_path, registry, task_model
     model_dir = pretrained_model if zero_shot else task_model
     family = build_family(cfg, load_tokenizer())
     model = Predictor.from_pretrained(model_dir, device="cpu").model
-    loader = EvalLoader(family, split, TaskDataConfig(num_workers=0), rank=0, world_size=1, micro_batch_size=3)
+    loader = EvalLoader(family, split, DataConfig(num_workers=0), rank=0, world_size=1, micro_batch_size=3)
     metric = family.evaluate_split(model, loader, "cpu", zero_shot=zero_shot)  # what `vilbert-ds eval` runs
     captions = {s["sent_id"]: s["caption"] for s in (json.loads(bytes(x.extra["task.json"]))
                                                     for x in iter_feature_samples(cfg.split_dir(split)))}

@@ -17,7 +17,8 @@ from vilbert_ds.data.tokenizer import load_tokenizer
 from vilbert_ds.model import ViLBert, resolve_config
 from vilbert_ds.model.config import tiny
 from vilbert_ds.tasks.build import TaskBuildConfig, build_task
-from vilbert_ds.tasks.loader import EvalLoader, TaskDataConfig
+from vilbert_ds.data.config import DataConfig
+from vilbert_ds.tasks.loader import EvalLoader
 from vilbert_ds.tasks.metrics import vqa_accuracy
 from vilbert_ds.tasks.registry import build_family, load_registry
 from vilbert_ds.weights import to_original
@@ -55,7 +56,7 @@ def _spread_answers(model, head: str, families, label2ans: list[str]) -> None:
     hook = classifier.logit_fc[2].register_forward_hook(lambda module, args, out: feats.append(out))
     with torch.no_grad():
         for family in families:
-            for batch in EvalLoader(family, family.config.splits.val, TaskDataConfig(num_workers=0), rank=0,
+            for batch in EvalLoader(family, family.config.splits.val, DataConfig(num_workers=0), rank=0,
                                     world_size=1, micro_batch_size=64):
                 model(**batch.to("cpu", float_dtype=torch.float32).model_inputs(), heads=(head,))
         hook.remove()
@@ -105,7 +106,7 @@ def expected_answers(released, task: str) -> dict[str, str]:
         label2ans = pickle.load(f)
     out = {}
     model = released["model"]
-    loader = EvalLoader(family, registry[task].splits.val, TaskDataConfig(num_workers=0), rank=0, world_size=1,
+    loader = EvalLoader(family, registry[task].splits.val, DataConfig(num_workers=0), rank=0, world_size=1,
                         micro_batch_size=64)
     with torch.no_grad():
         for batch in loader:

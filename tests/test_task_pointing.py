@@ -15,7 +15,8 @@ from vilbert_ds.model.config import tiny
 from vilbert_ds.model.model import ViLBertOutput
 from vilbert_ds.data.tokenizer import load_tokenizer
 from vilbert_ds.tasks.build import TaskBuildConfig, build_task
-from vilbert_ds.tasks.loader import EvalLoader, TaskDataConfig, build_task_loader, evaluate_task
+from vilbert_ds.tasks.loader import EvalLoader, build_task_loader, evaluate_task
+from vilbert_ds.data.config import DataConfig
 from vilbert_ds.tasks.pointing import PointingBatch
 from vilbert_ds.tasks.registry import build_family, load_registry
 from vilbert_ds.tasks.synthetic_scenes import SceneSpec, make_scene_tasks
@@ -109,7 +110,7 @@ def test_pointing_end_to_end(pointing_root, tokenizer, task, val, tmp_path):
     report = build_task(pointing_root, task, TaskBuildConfig(max_count=16))
     assert all(s["samples"] > 0 for s in report["splits"])
     fam = build_family(pointing_root[task], tokenizer)
-    data = TaskDataConfig(num_workers=0)
+    data = DataConfig(num_workers=0)
     loader = build_task_loader(fam, pointing_root[task].splits.train, data, rank=0, world_size=1, micro_batch_size=4,
                                seed=0)
     torch.manual_seed(0)

@@ -17,7 +17,8 @@ from vilbert_ds.model.config import tiny
 from vilbert_ds.model.model import ViLBertOutput
 from vilbert_ds.data.tokenizer import load_tokenizer
 from vilbert_ds.tasks.build import TaskBuildConfig, build_task
-from vilbert_ds.tasks.loader import EvalLoader, TaskDataConfig, build_task_loader, evaluate_task
+from vilbert_ds.tasks.loader import EvalLoader, build_task_loader, evaluate_task
+from vilbert_ds.data.config import DataConfig
 from vilbert_ds.tasks.refer import ReferBatch
 from vilbert_ds.tasks.released import load_plain_pickle
 from vilbert_ds.tasks.registry import build_family, load_registry
@@ -186,7 +187,7 @@ def test_refcoco_end_to_end(refer_root, tokenizer, tmp_path):
     assert {s["split"] for s in report["splits"]} == {"train", "val", "testA", "testB"}
     cfg = registry["refcoco"]
     fam = build_family(cfg, tokenizer)
-    data = TaskDataConfig(num_workers=0)
+    data = DataConfig(num_workers=0)
     loader = build_task_loader(fam, "train", data, rank=0, world_size=1, micro_batch_size=8, seed=0)
     torch.manual_seed(0)
     model = ViLBert(tiny(with_task_heads=True, task_specific_tokens=True))

@@ -21,14 +21,15 @@ from vilbert_ds.model.config import tiny
 from vilbert_ds.model.model import ViLBertOutput
 from vilbert_ds.data.tokenizer import load_tokenizer
 from vilbert_ds.tasks.build import TaskBuildConfig, build_task
-from vilbert_ds.tasks.loader import EvalLoader, TaskDataConfig, build_task_loader, evaluate_task
+from vilbert_ds.tasks.loader import EvalLoader, build_task_loader, evaluate_task
+from vilbert_ds.data.config import DataConfig
 from vilbert_ds.tasks.registry import build_family, load_registry
 from vilbert_ds.data.manifest import load_source
 from vilbert_ds.tasks.metrics import rank_of_gold
 from vilbert_ds.tasks.retrieval import RankingMetric, SplitNegatives, image_to_text_ranks, paper_summary, tfidf_neighbours
 from vilbert_ds.tasks.synthetic_scenes import SceneSpec, make_scene_tasks
 
-DATA = TaskDataConfig(num_workers=0)
+DATA = DataConfig(num_workers=0)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,15 @@ from vilbert_ds.model.config import tiny
 from vilbert_ds.model.model import ViLBertOutput
 from vilbert_ds.data.tokenizer import load_tokenizer
 from vilbert_ds.tasks.build import TaskBuildConfig, build_task
-from vilbert_ds.tasks.loader import EvalLoader, TaskDataConfig, build_task_loader, evaluate_task
+from vilbert_ds.tasks.loader import EvalLoader, build_task_loader, evaluate_task
+from vilbert_ds.data.config import DataConfig
 from vilbert_ds.tasks.metrics import TaskMetric
 from vilbert_ds.tasks.registry import build_family, load_registry
 from vilbert_ds.tasks.synthetic_scenes import NAMES, SceneSpec, make_scene_tasks
 from vilbert_ds.tasks.vcr import main as vcr_cli
 from vilbert_ds.tasks.vcr import q_ar_accuracy, render, write_leaderboard_csv
 
-DATA = TaskDataConfig(num_workers=0)
+DATA = DataConfig(num_workers=0)
 
 
 @pytest.fixture(scope="module")

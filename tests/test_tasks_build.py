@@ -11,7 +11,8 @@ from vilbert_ds.data.manifest import load_source
 from vilbert_ds.data.tario import iter_members, split_name
 from vilbert_ds.data.tokenizer import load_tokenizer
 from vilbert_ds.tasks.build import TaskBuildConfig, build_task, held_out_image_ids
-from vilbert_ds.tasks.loader import EvalLoader, TaskDataConfig, build_task_loader, eval_positions
+from vilbert_ds.tasks.loader import EvalLoader, build_task_loader, eval_positions
+from vilbert_ds.data.config import DataConfig
 from vilbert_ds.tasks.registry import build_family, load_registry
 
 from fixtures.tasks import ALL_TASKS
@@ -88,7 +89,7 @@ def test_missing_images_are_an_error_naming_them(registry, tmp_path):
 
 def test_collate_flattens_nlvr2_pairs_and_builds_soft_targets(registry):
     tok = load_tokenizer()
-    data = TaskDataConfig(num_workers=0)
+    data = DataConfig(num_workers=0)
     nlvr2 = build_family(registry["nlvr2"], tok)
     b = next(iter(build_task_loader(nlvr2, "train", data, rank=0, world_size=1, micro_batch_size=3, seed=0)))
     assert b.input_ids.shape[0] == 6 and b.num_examples == 3 and b.row_offsets.tolist() == [0, 2, 4, 6]
@@ -119,7 +120,7 @@ def test_eval_loader_two_ranks_gather_every_example_once(registry):
     fam = build_family(registry["gqa"], load_tokenizer())
     keys = []
     for rank in range(3):
-        loader = EvalLoader(fam, "minval", TaskDataConfig(num_workers=0), rank=rank, world_size=3, micro_batch_size=2)
+        loader = EvalLoader(fam, "minval", DataConfig(num_workers=0), rank=rank, world_size=3, micro_batch_size=2)
         assert len(loader) == 2
         keys += [k for b in loader for k in b.keys]
     assert len(set(keys)) == 8 and len(keys) == 12

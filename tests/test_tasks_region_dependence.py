@@ -10,9 +10,10 @@ from fixtures.tasks import build_synthetic_tasks
 from vilbert_ds.engine import WarmupLinearSchedule, param_groups
 from vilbert_ds.model import ViLBert
 from vilbert_ds.model.config import tiny
-from vilbert_ds.multitask import lr_scale_fn
+from vilbert_ds.objectives import lr_rule
 from vilbert_ds.data.tokenizer import load_tokenizer
-from vilbert_ds.tasks.loader import EvalLoader, TaskDataConfig, build_task_loader, evaluate_task
+from vilbert_ds.tasks.loader import EvalLoader, build_task_loader, evaluate_task
+from vilbert_ds.data.config import DataConfig
 from vilbert_ds.tasks.registry import build_family, load_registry
 from vilbert_ds.tasks.synthetic_qa import text_only_baseline
 
@@ -25,10 +26,10 @@ def test_vqa_accuracy_clearly_above_text_only_baseline(tmp_path):
     torch.manual_seed(0)
     model = ViLBert(tiny(task_specific_tokens=True, initializer_range=0.1))
     family = build_family(registry["vqa"], load_tokenizer())
-    data = TaskDataConfig(num_workers=0)
+    data = DataConfig(num_workers=0)
     loader = build_task_loader(family, "trainval", data, rank=0, world_size=1, micro_batch_size=16, seed=0)
     steps, lr = 400, 5e-4
-    optimizer = torch.optim.AdamW(param_groups(model, lr=lr, weight_decay=0.01, lr_scale=lr_scale_fn(lr, 2e-3, 1.0)),
+    optimizer = torch.optim.AdamW(param_groups(model, lr=lr, weight_decay=0.01, lr_scale=lr_rule(lr, 2e-3, 1.0)),
                                   lr=lr, eps=1e-6)
     schedule = WarmupLinearSchedule(optimizer, steps, steps // 10)
     step, epoch = 0, 0

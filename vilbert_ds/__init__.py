@@ -4,6 +4,8 @@ Python API:
     build_model(config_json_or_preset)       a freshly initialised ViLBert
     from_original(state_dict_or_path, cfg)   convert an original checkpoint in memory
     load_model(directory)                    load a vilbert-ds model directory
+    get_model(source, config=...)            fresh, model directory, original checkpoint or training
+                                             run: the one model source of training, eval and export
     save_model(model, directory)             write config.json + model.safetensors
     Predictor.from_pretrained(directory)     ask the model: answers, classes, boxes, rankings, embeddings
 """
@@ -18,7 +20,9 @@ from .weights import (
     save_model,
     to_original,
 )
-from .predict import Predictor, Query  # noqa: E402 - above the model and weights
+
+from .model_factory import get_model  # noqa: E402 - above weights and checkpoint
+from .predict import Predictor, Query  # noqa: E402 - above the model factory
 
 __version__ = "0.1.0"
 
@@ -33,6 +37,7 @@ __all__ = [
     "config_from_hf_bert",
     "count_parameters",
     "from_original",
+    "get_model",
     "load_hf_bert",
     "load_model",
     "resolve_config",

@@ -507,10 +507,10 @@ def _barrier() -> None:
 
 # ================================================================================ export
 def load_consolidated(spec: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
-    """(checkpoint dir, meta, fp32 model state without the module prefix) of a checkpoint from
-    anywhere (any ZeRO stage, any number of ranks). Every file is checked with
-    `verify_untrusted` before DeepSpeed's consolidation opens any. One process, no distributed
-    setup."""
+    """(checkpoint dir, meta, fp32 model state without the module prefix) of a checkpoint (any
+    ZeRO stage, any number of ranks; a run, its checkpoints/ or one checkpoint directory). Every
+    file is checked with `verify_untrusted` before DeepSpeed's consolidation opens any. One
+    process, no distributed setup. `model_factory.get_model` reads training checkpoints with it."""
     from .engine import consolidated_fp32_state
 
     directory, tag = find_checkpoint(spec)

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vilbert_ds.commands.info", "describe a model config or checkpoint (parameter counts, heads)"),
     "convert": ("vilbert_ds.commands.convert", "convert original ViLBERT checkpoints to vilbert-ds and back"),
     "shards": ("vilbert_ds.commands.shards", "build, verify and inspect WebDataset feature shards"),
+    # the three presets of the one training path (vilbert_ds/train.py)
     "pretrain": ("vilbert_ds.pretrain", "pretrain ViLBERT on Conceptual Captions shards with DeepSpeed"),
     "multitask": ("vilbert_ds.multitask", "12-in-1 multi-task training with task sampling"),
     "finetune": ("vilbert_ds.finetune", "fine-tune one task from a checkpoint"),
@@ -21,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("vilbert_ds.commands.predict", "ask a model about your input: answers, classes, boxes, rankings, embeddings"),
     "export": ("vilbert_ds.commands.export", "export a DeepSpeed checkpoint to consolidated fp32 safetensors"),
     "plot": ("vilbert_ds.commands.plot", "plot the metrics of a run to PNG"),
-    "demo": ("vilbert_ds.commands.demo", "the embedded default: synthetic shards -> pretrain -> resume -> plot"),
+    "demo": ("vilbert_ds.commands.demo", "the embedded default: synthetic shards -> pretrain -> resume -> multi-task -> eval"),
 }
 
 

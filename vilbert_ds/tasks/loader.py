@@ -16,49 +16,21 @@ Task samples reach the family as a mapping of members (`sample_dict`): "__key__"
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+import json
+from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..data.config import parse_bytes
+from ..checkpoint import atomic_write_text
+from ..data.cc_batches import read_options
+from ..data.config import DataConfig
 from ..data.manifest import Manifest, load_source
 from ..data.sample import Sample
-from ..data.stream import ReadOptions, Source, StreamingLoader, StreamStats, read_samples, sample_rng
+from ..data.stream import Source, StreamingLoader, StreamStats, read_samples, sample_rng
 from .base import TaskBatch, TaskFamily
-
-
-@dataclass
-class TaskDataConfig:
-    """How task shards are streamed (the data area's knobs, one set for all tasks)."""
-
-    vocab: str = ""  # vocab.txt or tokenizer directory; "" = the local uncased vocab (minilm package)
-    num_workers: int = 1  # DataLoader workers per task loader per rank (0 = in the training process)
-    prefetch_factor: int = 2
-    shuffle: bool = True
-    shuffle_bytes: int | str = "64MB"  # shuffle window per worker, in bytes of shard data
-    read_chunk_bytes: int | str = "8MiB"
-    readahead_chunks: int = 4
-    max_retries: int = 6
-    retry_backoff_s: float = 0.25
-    on_error: str = "fail"  # fail | skip (unreadable shards / corrupt samples counted and substituted)
-    storage_options: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.shuffle_bytes = parse_bytes(self.shuffle_bytes, name="data.shuffle_bytes")
-        self.read_chunk_bytes = parse_bytes(self.read_chunk_bytes, name="data.read_chunk_bytes")
-        if self.num_workers < 0 or self.prefetch_factor < 1:
-            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0 and data.prefetch_factor >= 1")
-        if self.on_error not in ("fail", "skip"):
-            raise ValueError(f"data.on_error={self.on_error!r}: choose 'fail' or 'skip'")
-
-    def read_options(self, manifest: Manifest) -> ReadOptions:
-        return ReadOptions(storage_options=self.storage_options, chunk_bytes=self.read_chunk_bytes,
-                           parallel=max(1, self.readahead_chunks), retries=self.max_retries,
-                           backoff_s=self.retry_backoff_s, on_error=self.on_error, feature_dim=manifest.feature_dim,
-                           num_classes=manifest.num_classes)
 
 
 def sample_dict(sample: Sample) -> dict[str, Any]:
@@ -86,7 +58,7 @@ class TaskBatchMaker:
         return self.family.collate(examples)
 
 
-def split_manifest(family: TaskFamily, split: str, data: TaskDataConfig) -> Manifest:
+def split_manifest(family: TaskFamily, split: str, data: DataConfig) -> Manifest:
     url = f"{family.config.split_dir(split)}/manifest.json"
     try:
         return load_source(url, data.storage_options, retries=data.max_retries, backoff_s=data.retry_backoff_s)
@@ -95,14 +67,14 @@ def split_manifest(family: TaskFamily, split: str, data: TaskDataConfig) -> Mani
                                 f"shards with `vilbert-ds shards task --task {family.name}`") from None
 
 
-def build_task_loader(family: TaskFamily, split: str, data: TaskDataConfig, *, rank: int, world_size: int,
+def build_task_loader(family: TaskFamily, split: str, data: DataConfig, *, rank: int, world_size: int,
                       micro_batch_size: int, seed: int, shuffle: bool = True) -> StreamingLoader:
     """The training Loader of one task on one rank (see `data.stream.StreamingLoader`)."""
     manifest = split_manifest(family, split, data)
     return StreamingLoader([Source(manifest)], rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
                            seed=seed, make_batch=TaskBatchMaker(family, seed), num_workers=data.num_workers,
                            prefetch_factor=data.prefetch_factor, shuffle=data.shuffle and shuffle,
-                           shuffle_bytes=data.shuffle_bytes, read=data.read_options(manifest),
+                           shuffle_bytes=data.shuffle_bytes, read=read_options(data, [manifest]),
                            name=f"{family.name}/{split}")
 
 
@@ -134,7 +106,7 @@ class _EvalDataset(IterableDataset):
 class EvalLoader:
     """All samples of a split, sliced over ranks, equal batch counts (module docstring)."""
 
-    def __init__(self, family: TaskFamily, split: str, data: TaskDataConfig, *, rank: int, world_size: int,
+    def __init__(self, family: TaskFamily, split: str, data: DataConfig, *, rank: int, world_size: int,
                  micro_batch_size: int, num_workers: int | None = None):
         self.family, self.split, self.data = family, split, data
         self.manifest = split_manifest(family, split, data)
@@ -142,7 +114,7 @@ class EvalLoader:
         if self.total == 0:
             raise ValueError(f"task {family.name!r} split {split!r}: the shard set is empty")
         self.batches = eval_positions(self.total, rank, world_size, micro_batch_size)
-        self.read = data.read_options(self.manifest)
+        self.read = read_options(data, [self.manifest])
         self.num_workers = data.num_workers if num_workers is None else num_workers
         self.make = TaskBatchMaker(family, seed=0)
         starts = np.cumsum([0] + [s.count for s in self.manifest.shards])
@@ -186,3 +158,46 @@ def evaluate_task(model: torch.nn.Module, family: TaskFamily, loader: EvalLoader
         batch = batch.to(device, float_dtype=float_dtype)
         metric.update(family.score(family.forward(model, batch), batch))
     return metric
+
+
+class Evaluation:
+    """The evaluation splits of a run's tasks: scored during training (stop-and-go reads the
+    scores), at the end of training, and by `vilbert-ds eval`. Collective like the loaders."""
+
+    def __init__(self, families: Mapping[str, TaskFamily], loaders: Mapping[str, EvalLoader],
+                 device: torch.device | str, float_dtype: torch.dtype = torch.float32):
+        self.families, self.loaders = dict(families), dict(loaders)
+        self.device, self.float_dtype = device, float_dtype
+
+    def run(self, model: torch.nn.Module, task: str, *, max_batches: int | None = None, standard: bool = False,
+            zero_shot: bool = False, protocol: str = "full"):
+        """(result, merged metric) of one task. During training (`standard=False`) every family
+        is scored per batch, as the original's validation was (retrieval: the 4-option accuracy),
+        capped at `max_batches`. `standard=True` gives the task's standard metric: a family whose
+        metric is not per example (retrieval ranks every caption against every image) evaluates
+        the whole split itself (`evaluate_split`), under `protocol` ("paper": retrieval's
+        published-numbers protocol; families scored per batch have only the one)."""
+        family, loader = self.families[task], self.loaders[task]
+        evaluate_split = getattr(family, "evaluate_split", None) if standard else None
+        was_training = model.training
+        model.eval()
+        try:
+            if evaluate_split is not None:
+                extra = {"protocol": protocol} if protocol != "full" else {}
+                metric = evaluate_split(model, loader, self.device, float_dtype=self.float_dtype, zero_shot=zero_shot,
+                                        **extra)
+            else:
+                metric = evaluate_task(model, family, loader, self.device, self.float_dtype, max_batches).gather()
+        finally:
+            model.train(was_training)
+        return metric.result(), metric
+
+    def write(self, task: str, metric, result: Mapping[str, float], out_dir: str | Path) -> Path:
+        """`<task>_<split>_predictions.json` (the evaluation server's format) and
+        `<task>_<split>_metrics.json` under `out_dir` (main rank only)."""
+        out, split = Path(out_dir), self.loaders[task].split
+        out.mkdir(parents=True, exist_ok=True)
+        self.families[task].write_predictions(metric, out / f"{task}_{split}_predictions.json")
+        path = out / f"{task}_{split}_metrics.json"
+        atomic_write_text(path, json.dumps(dict(result), indent=1) + "\n")  # never a torn metrics file
+        return path

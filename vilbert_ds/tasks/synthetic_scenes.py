@@ -432,13 +432,14 @@ def learning_check(registry_path: str | os.PathLike, task: str, steps: int, *, b
     from ..model import ViLBert
     from ..model.config import tiny
     from ..data.tokenizer import load_tokenizer
-    from .loader import EvalLoader, TaskDataConfig, build_task_loader, evaluate_task
+    from .loader import EvalLoader, build_task_loader, evaluate_task
+    from ..data.config import DataConfig
     from .registry import build_family, load_registry
 
     registry = load_registry(registry_path)
     cfg = registry[task]
     family = build_family(cfg, load_tokenizer())
-    data = TaskDataConfig(num_workers=0)
+    data = DataConfig(num_workers=0)
 
     def prepare(batch):
         batch = batch.to("cpu", float_dtype=torch.float32)
