@@ -25,9 +25,67 @@ import yaml
 
 from .data.config import DataConfig, redact
 from .metrics import MetricsConfig
-from .tasks.sampler import SamplerConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+# ------------------------------------------------------------------------ task sampling
+# The sampler's settings (tasks.sampler); the sampler itself is vilbert_ds/tasks/sampler.py.
+SAMPLER_KINDS = ("round_robin", "proportional", "temperature")
+
+
+@dataclass
+class StopAndGoConfig:
+    """The original's values: gap 4, patience 1, relative thresholds 0.001 / 0.005, cooldown 1,
+    reset after (0-based) epochs 5 and 7."""
+
+    enabled: bool = True
+    train_iter_gap: int = 4  # a stopped task trains when step % gap == 0
+    patience: int = 1  # evaluations without improvement tolerated before stopping
+    threshold: float = 0.001  # relative: improvement means score > best * (1 + threshold)
+    continue_threshold: float = 0.005  # relative: go again when score < best * (1 - continue_threshold)
+    cooldown: int = 1  # evaluations after a switch during which bad scores are ignored
+    reset_epochs: list[int] = field(default_factory=lambda: [5, 7])
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.train_iter_gap < 1:
+            errors.append(f"train_iter_gap={self.train_iter_gap} must be >= 1")
+        if self.patience < 0 or self.cooldown < 0:
+            errors.append(f"patience={self.patience} and cooldown={self.cooldown} must be >= 0")
+        if not (0 <= self.threshold < 1 and 0 <= self.continue_threshold < 1):
+            errors.append(
+                f"threshold={self.threshold} and continue_threshold={self.continue_threshold} are relative, in [0, 1)"
+            )
+        if errors:
+            raise ValueError("invalid sampler.stop_and_go config: " + "; ".join(errors))
+        self.reset_epochs = [int(e) for e in self.reset_epochs]
+
+
+@dataclass
+class SamplerConfig:
+    kind: str = "round_robin"
+    alpha: float = 1.0  # temperature sampler: p proportional to size ** alpha
+    tasks_per_step: int = 1  # random samplers: optimiser updates (draws) per iteration
+    seed: int = 0
+    loss_scale: str = "lr_ratio"  # "lr_ratio" (the original: lr_t / min lr) or "none"
+    stop_and_go: StopAndGoConfig = field(default_factory=StopAndGoConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop_and_go, Mapping):
+            self.stop_and_go = StopAndGoConfig(**self.stop_and_go)
+        if self.kind not in SAMPLER_KINDS:
+            raise ValueError(f"sampler.kind={self.kind!r}: choose one of {SAMPLER_KINDS}")
+        if self.kind == "proportional" and self.alpha != 1.0:
+            raise ValueError("sampler.kind=proportional means alpha=1; use kind=temperature to set alpha")
+        if not (0.0 <= self.alpha <= 10.0):
+            raise ValueError(f"sampler.alpha={self.alpha} must be within [0, 10]")
+        if self.tasks_per_step < 1:
+            raise ValueError(f"sampler.tasks_per_step={self.tasks_per_step} must be >= 1")
+        if self.loss_scale not in ("lr_ratio", "none"):
+            raise ValueError(f"sampler.loss_scale={self.loss_scale!r}: choose 'lr_ratio' or 'none'")
+
+
 KINDS = ("pretrain", "multitask", "finetune")
 SECTIONS = ("data", "model", "optim", "train", "metrics", "tasks")
 _TASK_UNUSED = ("data.train", "data.val", "data.caption_pool", "data.resampled", "data.epoch_samples",
