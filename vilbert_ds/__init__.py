@@ -7,6 +7,7 @@ Python API:
     get_model(source, config=...)            fresh, model directory, original checkpoint or training
                                              run: the one model source of training, eval and export
     save_model(model, directory)             write config.json + model.safetensors
+    Predictor.from_pretrained(directory)     ask the model: answers, classes, boxes, rankings, embeddings
 """
 from .model import ViLBert, ViLBertConfig, ViLBertOutput, count_parameters, resolve_config
 from .weights import (
@@ -21,11 +22,14 @@ from .weights import (
 )
 
 from .model_factory import get_model  # noqa: E402 - above weights and checkpoint
+from .predict import Predictor, Query  # noqa: E402 - above the model factory
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "Predictor",
+    "Query",
     "ViLBert",
     "ViLBertConfig",
     "ViLBertOutput",

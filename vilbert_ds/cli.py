@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "multitask": ("vilbert_ds.multitask", "12-in-1 multi-task training with task sampling"),
     "finetune": ("vilbert_ds.finetune", "fine-tune one task from a checkpoint"),
     "eval": ("vilbert_ds.evaluate", "evaluate a checkpoint on a task with its standard metric"),
+    "predict": ("vilbert_ds.commands.predict", "ask a model about your input: answers, classes, boxes, rankings, embeddings"),
     "export": ("vilbert_ds.commands.export", "export a DeepSpeed checkpoint to consolidated fp32 safetensors"),
     "plot": ("vilbert_ds.commands.plot", "plot the metrics of a run to PNG"),
     "demo": ("vilbert_ds.commands.demo", "the embedded default: synthetic shards -> pretrain -> resume -> multi-task -> eval"),

@@ -395,14 +395,14 @@ class TaskFamily:
         return self.preprocess, self.collate
 
     # -------------------------------------------------------------- training / evaluation step
-    def forward(self, model: torch.nn.Module, batch: TaskBatch):
-        """The ViLBert forward with only this family's heads and the task token (when the model
-        has task tokens)."""
+    def forward(self, model: torch.nn.Module, batch: TaskBatch, heads: Sequence[str] | None = None):
+        """The ViLBert forward with only this family's heads (or `heads`: () = the trunk alone,
+        for embeddings) and the task token (when the model has task tokens)."""
         inputs = batch.model_inputs()
         cfg = getattr(model, "config", None)
         if cfg is not None and not getattr(cfg, "task_specific_tokens", False):
             inputs["task_ids"] = None
-        return model(**inputs, heads=self.heads)
+        return model(**inputs, heads=self.heads if heads is None else heads)
 
     def loss(self, output, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
