@@ -1,8 +1,9 @@
 """Task loaders on the data area's streaming reader.
 
 - Training: `build_task_loader` = the data area's `StreamingLoader` (same epoch plan, rank split,
-  shuffle windows, worker layout and exact resume as pretraining) with the family's
-  preprocess + collate as its batch function (`TaskBatchMaker`).
+  worker layout and exact resume as pretraining) in uniform order (each epoch a uniformly random
+  order of the split, as the original's RandomSampler, however the shards group it) with the
+  family's preprocess + collate as its batch function (`TaskBatchMaker`).
 - Evaluation: `EvalLoader` covers *every* sample of a split: rank r reads the contiguous slice
   [r*S, (r+1)*S) of the set (S = ceil(N / world_size)) and pads its last batches by repeating
   samples of its own slice, so every rank runs the same number of batches (no rank waits in a
@@ -38,7 +39,6 @@ class TaskDataConfig:
     num_workers: int = 1  # DataLoader workers per task loader per rank (0 = in the training process)
     prefetch_factor: int = 2
     shuffle: bool = True
-    shuffle_bytes: int | str = "64MB"  # shuffle window per worker, in bytes of shard data
     read_chunk_bytes: int | str = "8MiB"
     readahead_chunks: int = 4
     max_retries: int = 6
@@ -47,7 +47,6 @@ class TaskDataConfig:
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.shuffle_bytes = parse_bytes(self.shuffle_bytes, name="data.shuffle_bytes")
         self.read_chunk_bytes = parse_bytes(self.read_chunk_bytes, name="data.read_chunk_bytes")
         if self.num_workers < 0 or self.prefetch_factor < 1:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0 and data.prefetch_factor >= 1")
@@ -102,7 +101,7 @@ def build_task_loader(family: TaskFamily, split: str, data: TaskDataConfig, *, r
     return StreamingLoader([Source(manifest)], rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
                            seed=seed, make_batch=TaskBatchMaker(family, seed), num_workers=data.num_workers,
                            prefetch_factor=data.prefetch_factor, shuffle=data.shuffle and shuffle,
-                           shuffle_bytes=data.shuffle_bytes, read=data.read_options(manifest),
+                           shuffle_buffer=None, read=data.read_options(manifest),
                            name=f"{family.name}/{split}")
 
 
