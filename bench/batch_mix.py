@@ -1,7 +1,7 @@
 """How task batches are formed: distinct images per batch, by sample order, against uniform sampling.
 
     python bench/batch_mix.py --quick          # 300 images x 5 questions
-    python bench/batch_mix.py                  # 1000 images x 5 questions
+    python bench/batch_mix.py                  # 600 images x 5 questions
 
 Task shards are written grouped by image (tasks/build.py joins each question to its image's
 features in annotation order: VQA's 5 questions of an image are neighbours in the shard). The
@@ -89,7 +89,7 @@ def distinct_per_batch(manifest_url: str, *, batch: int, shuffle: bool, shuffle_
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="300 images per split, 1 epoch")
-    p.add_argument("--images", type=int, default=1000, help="images per split (trainval has twice as many)")
+    p.add_argument("--images", type=int, default=600, help="synthetic images per split (trainval joins train and val)")
     p.add_argument("--per-image", type=int, default=5, help="questions per image")
     p.add_argument("--batches", type=int, nargs="*", default=[16, 128],
                    help="batch sizes (the original's VQA: 128 over 8 GPUs = 16 per rank)")
