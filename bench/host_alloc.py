@@ -4,12 +4,13 @@
     python bench/host_alloc.py                # + 6layer_6conect (the step docs/PERFORMANCE.md cites)
 
 Each mode runs in its own process (malloc settings are process-wide and must precede the first
-allocation), builds the training step of bench/common.py (DeepSpeed engine as `vilbert_ds.pretrain`
-builds it, 1 rank, ZeRO-0, pretraining shapes) and times it:
+allocation) that builds the training step of bench/common.py (DeepSpeed engine as
+`vilbert_ds.pretrain` builds it, 1 rank, ZeRO-0, pretraining shapes); the three processes then
+step in interleaved rounds, so that other load on a shared machine hits every mode alike:
   glibc      glibc's defaults (`VILBERT_DS_KEEP_FREED_MEMORY=0`)
   unbounded  never mmap, never trim: the first hostmem setting (commit 0517e5d)
   bounded    blocks up to 32 MiB kept in the heap, 512 MiB of free top kept (the shipped setting)
-Per mode: the best step wall time and process CPU time over the steps (CPU time counts the work
+Per mode: the best step wall time and process CPU time over the rounds (CPU time counts the work
 on a machine shared with other jobs, where wall time also counts the wait for a core), minor
 page faults and system CPU seconds per step (getrusage), and after the steps the committed memory (private writable mappings), the
 largest single mapping (what the kernel checks at fork under the default overcommit heuristic)
@@ -71,26 +72,29 @@ def memory_row() -> dict:
     return dict(committed_mib=c.total / MiB, largest_mib=c.largest / MiB, rss_mib=c.resident / MiB)
 
 
-def run_step(mode: str, config: str, batch: int, warmup: int, steps: int) -> dict:
+def serve_steps(mode: str, config: str, batch: int, warmup: int) -> None:
+    """Child side of `measure_steps`: build the step, warm up, then run one step per "step" line
+    on stdin (answering wall s, CPU s, minor faults, system s) until "end" (answering the memory
+    row and the fork time)."""
     C.setup_env()
     apply_mode(mode)
     import torch
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     step = C.build_step(C.StepSpec(config=config, shape=C.PRETRAIN, batch=batch))
     for _ in range(warmup):
         step.step()
-    walls, cpus = [], []
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(steps):
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0, c0 = time.perf_counter(), time.process_time()
         step.step()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    return dict(step_s=min(walls), cpu_s=min(cpus),
-                faults_per_step=(r1.ru_minflt - r0.ru_minflt) / steps, sys_s_per_step=(r1.ru_stime - r0.ru_stime) / steps,
-                **memory_row(), fork_s=fork_seconds())
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        print("STEP " + json.dumps([wall, cpu, r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime]), flush=True)
+    print("RESULT " + json.dumps(dict(**memory_row(), fork_s=fork_seconds())), flush=True)
 
 
 def run_buckets(mode: str, steps: int) -> dict:
@@ -113,22 +117,72 @@ def run_buckets(mode: str, steps: int) -> dict:
 
 def child(args) -> int:
     if args.scenario == "buckets":
-        out = run_buckets(args.mode, args.steps)
+        print("RESULT " + json.dumps(run_buckets(args.mode, args.steps)), flush=True)
     else:
-        out = run_step(args.mode, args.config, args.batch, args.warmup, args.steps)
-    print("RESULT " + json.dumps(out), flush=True)
+        serve_steps(args.mode, args.config, args.batch, args.warmup)
     return 0
 
 
-def measure(scenario: str, mode: str, *, config: str = "", batch: int = 2, warmup: int = 3, steps: int = 8) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--scenario", scenario, "--mode", mode, "--config", config,
-           "--batch", str(batch), "--warmup", str(warmup), "--steps", str(steps)]
-    env = C.child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+def _child_cmd(scenario: str, mode: str, **kw) -> list[str]:
+    cmd = [sys.executable, __file__, "--child", "--scenario", scenario, "--mode", mode]
+    for key, value in kw.items():
+        cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+def _child_env() -> dict[str, str]:
+    # one thread by default: OpenMP threads spin while they wait, so on a shared, oversubscribed
+    # machine a 2-thread step also counts the spinning as CPU time
+    env = C.child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env.pop("VILBERT_DS_KEEP_FREED_MEMORY", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    return env
+
+
+def _line(proc, prefix: str) -> str:
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line[len(prefix):]
+    raise SystemExit(f"a measuring process ended early ({proc.wait()}):\n{proc.stderr.read()[-3000:]}")
+
+
+def measure_steps(config: str, batch: int, rounds: int) -> dict[str, dict]:
+    """One process per mode, all built first; then steps in interleaved rounds (A B C A B C ...)
+    so that load from other jobs on a shared machine hits every mode alike. Per mode: the best
+    step wall and CPU time, mean faults and system time per step, memory after the steps."""
+    procs = {m: subprocess.Popen(_child_cmd("step", m, config=config, batch=batch, warmup=3), env=_child_env(),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for m in MODES}
+    try:
+        for proc in procs.values():
+            _line(proc, "READY")
+        steps: dict[str, list] = {m: [] for m in MODES}
+        for _ in range(rounds):
+            for m, proc in procs.items():
+                proc.stdin.write("step\n")
+                proc.stdin.flush()
+                steps[m].append(json.loads(_line(proc, "STEP ")))
+        out = {}
+        for m, proc in procs.items():
+            proc.stdin.write("end\n")
+            proc.stdin.flush()
+            rows = steps[m]
+            out[m] = dict(step_s=min(r[0] for r in rows), cpu_s=min(r[1] for r in rows),
+                          faults_per_step=sum(r[2] for r in rows) / len(rows),
+                          sys_s_per_step=sum(r[3] for r in rows) / len(rows), **json.loads(_line(proc, "RESULT ")))
+        return out
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def measure_buckets(mode: str, steps: int) -> dict:
+    proc = subprocess.run(_child_cmd("buckets", mode, steps=steps), capture_output=True, text=True, env=_child_env(),
+                          timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{scenario}/{mode} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"buckets/{mode} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -137,7 +191,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="2layer_2conect only")
     p.add_argument("--configs", nargs="*", choices=C.MODEL_CONFIGS)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per mode, in interleaved rounds")
     p.add_argument("--bucket-steps", type=int, default=12)
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--json")
@@ -155,7 +209,7 @@ def main() -> int:
                      "committed MiB",
                      "largest MiB", "RSS MiB", "fork s"])
     for config in configs:
-        rows = {m: measure("step", m, config=config, batch=args.batch, steps=args.steps) for m in MODES}
+        rows = measure_steps(config, args.batch, args.steps)
         for m in MODES:
             r = rows[m]
             steps.add(**{"config": C.SHORT_NAMES[config], "batch": args.batch, "mode": m, "step s": r["step_s"],
@@ -168,7 +222,7 @@ def main() -> int:
     buckets = C.Table(f"A 2 GB ZeRO bucket per step, {args.bucket_steps} steps",
                       ["mode", "committed MiB", "largest MiB", "RSS MiB", "fork s"])
     for m in MODES:
-        r = measure("buckets", m, steps=args.bucket_steps)
+        r = measure_buckets(m, args.bucket_steps)
         buckets.add(**{"mode": m, "committed MiB": r["committed_mib"], "largest MiB": r["largest_mib"],
                        "RSS MiB": r["rss_mib"], "fork s": r["fork_s"]})
     C.report([steps, buckets], C.machine(), args.markdown, args.json)
