@@ -20,11 +20,17 @@ Stages, one thread in this process, on the same bytes (each stage's input prepar
 - regions: `PretrainCollate.regions` (region copy into the batch, masking, global region, IoU)
 - collate: the whole `PretrainCollate` call (text + regions + batch assembly)
 
-Pipelines (`build_pretrain_loader`, real code path, steady state: from the first batch on):
+Pipelines (`build_pretrain_loader`, real code path, steady state: from the first batch on), in
+each sample order: `windows` (shuffle windows of `--shuffle-buffer` samples, contiguous reads:
+pretraining) and `uniform` (one permutation of the epoch, one ranged read per sample: task loaders):
 - workers 0: the loader in this process (its window reader thread overlaps the decode)
 - workers 1, 2: DataLoader worker processes, as training runs it; "per worker" = rate / workers
-- CPU ms/sample: CPU time of this process + its finished workers over the epoch, per sample
+- CPU ms/sample: CPU time of this process + its workers over the epoch, per sample
+- requests/sample, KB read/sample: ranged reads (GETs on S3) and bytes read per sample delivered
 - cold: 1 worker, shard files evicted first (one pass)
+Epoch start (1 worker): seconds from the start of an epoch to its first batch when the loader's
+workers live on from the previous epoch (what the loader does) and when they are started anew
+for it (a fork per epoch, as before); `--parent-gib` makes the forking process larger.
 S3: the same shards on moto (Python, in a subprocess on the same cores) read with ranged GETs,
 `readahead_chunks` in flight; client and server CPU seconds per GB show who limits the rate.
 
@@ -224,7 +230,7 @@ def stage_rates(manifest, collate, *, chunk: int, parallel: int, batch: int, rep
 def pipeline_rate(cfg, *, batch: int, epoch: int, before: Callable[[], None] | None = None) -> dict[str, float]:
     """One epoch of the pretraining loader: steady samples/s (first to last batch: the start-up
     before it and the workers' exit after it are left out), seconds to the first batch, CPU ms
-    per sample (this process + its exited workers, whole epoch)."""
+    per sample (this process + its workers, whole epoch: the workers are ended to count them)."""
     from vilbert_ds.data.cc_batches import build_pretrain_loader
 
     loader = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=batch, seed=0)
@@ -240,9 +246,35 @@ def pipeline_rate(cfg, *, batch: int, epoch: int, before: Callable[[], None] | N
         if first is None:
             first = (last, n)
     end = time.perf_counter()
+    requests, nbytes = loader.last_report["requests"], loader.last_report["bytes"]
+    loader.close()  # the workers exit: their CPU time joins RUSAGE_CHILDREN
     cpu = _cpu_s() - c0
     steady = (n - first[1]) / (last - first[0]) if n > first[1] else n / (end - t0)
-    return {"samples_per_s": steady, "first_batch_s": first[0] - t0, "cpu_ms_per_sample": 1e3 * cpu / n, "samples": n}
+    return {"samples_per_s": steady, "first_batch_s": first[0] - t0, "cpu_ms_per_sample": 1e3 * cpu / n, "samples": n,
+            "requests_per_sample": requests / n, "read_bytes_per_sample": nbytes / n}
+
+
+def epoch_start(cfg, *, batch: int, repeats: int) -> dict[str, float]:
+    """Seconds from an epoch's start to its first batch, 1 worker: with the workers living on
+    from the previous epoch, and with new workers for the epoch (closed before it: a fork)."""
+    from vilbert_ds.data.cc_batches import build_pretrain_loader
+
+    loader = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=batch, seed=0)
+    out = {"live workers": float("inf"), "new workers": float("inf")}
+    epoch = 0
+    for _ in range(repeats):
+        for case in ("live workers", "new workers"):
+            for _ in loader:  # finish the epoch (the first: the workers start)
+                pass
+            epoch += 1
+            loader.set_epoch(epoch)
+            if case == "new workers":
+                loader.close()
+            t0 = time.perf_counter()
+            next(iter(loader))
+            out[case] = min(out[case], time.perf_counter() - t0)
+    loader.close()
+    return out
 
 
 def pipelines(make_cfg, *, n: int, batch: int, repeats: int, workers: tuple[int, ...],
@@ -282,7 +314,7 @@ def gpu_goal(per_worker: float, cpu_ms: float, sample_bytes: float) -> dict[str,
 
 
 def run(images: int = 256, boxes: int = 36, batch: int = 32, repeats: int = 3, s3: bool = True,
-        workdir: str | None = None, parallel_reads: int = 4, window: str = "64MB", chunk: str = "8MiB",
+        workdir: str | None = None, parallel_reads: int = 4, shuffle_buffer: int = 240, chunk: str = "8MiB",
         workers: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
     """Builds synthetic CC-sized shards (4 shards), measures and returns the figures."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -300,7 +332,7 @@ def run(images: int = 256, boxes: int = 36, batch: int = 32, repeats: int = 3, s
     root = Path(workdir or tempfile.mkdtemp(prefix="vilbert-data-bench-"))
     chunk_bytes = parse_bytes(chunk)
     out: dict[str, Any] = {"images": images, "boxes": boxes, "batch": batch, "repeats": repeats,
-                           "shuffle_bytes": window, "read_chunk_bytes": chunk, "parallel_reads": parallel_reads,
+                           "shuffle_buffer": shuffle_buffer, "read_chunk_bytes": chunk, "parallel_reads": parallel_reads,
                            "workers": list(workers)}
     try:
         inputs = write_tsv(str(root / "in"), SyntheticSpec(num_images=images, num_boxes=boxes, seed=0))
@@ -318,10 +350,11 @@ def run(images: int = 256, boxes: int = 36, batch: int = 32, repeats: int = 3, s
         out.update(samples=n, shard_bytes=total_bytes, sample_bytes=round(sample_bytes))
         vocab = str(minilm_dir())
 
-        def make_cfg(url, opts=None):
+        def make_cfg(url, opts=None, order="windows"):
             def cfg(**kw):
                 return DataConfig(train=url, storage_options=opts or {}, vocab=vocab, max_regions=boxes,
-                                  shuffle_bytes=window, read_chunk_bytes=chunk, readahead_chunks=parallel_reads, **kw)
+                                  shuffle_buffer=shuffle_buffer if order == "windows" else None, read_chunk_bytes=chunk,
+                                  readahead_chunks=parallel_reads, **kw)
             return cfg
 
         local_cfg = make_cfg(str(shard_dir / "manifest.json"))
@@ -330,6 +363,8 @@ def run(images: int = 256, boxes: int = 36, batch: int = 32, repeats: int = 3, s
         stages = stage_rates(manifest, collate, chunk=chunk_bytes, parallel=parallel_reads, batch=batch,
                              repeats=repeats, tars=tars)
         pipes = pipelines(local_cfg, n=n, batch=batch, repeats=repeats, workers=workers, cold=lambda: evict(tars))
+        uniform = pipelines(make_cfg(str(shard_dir / "manifest.json"), order="uniform"), n=n, batch=batch,
+                            repeats=repeats, workers=workers, cold=lambda: evict(tars))
         one = pipes["workers 1"] if "workers 1" in pipes else pipes["workers 0"]
         raw = stages["read (page cache)"]["samples_per_s"]
         local = out["local"] = {
@@ -337,6 +372,9 @@ def run(images: int = 256, boxes: int = 36, batch: int = 32, repeats: int = 3, s
             "raw_read_cold": stages["read (cold)"]["samples_per_s"], "raw_read_cold_MBps": stages["read (cold)"]["MBps"],
             "raw_tar": stages["tarfile"]["samples_per_s"], "pipeline": one["per_worker"],
             "pipeline_in_process": pipes["workers 0"]["samples_per_s"], "stages": stages, "workers": pipes,
+            "orders": {"windows": pipes, "uniform": uniform},
+            "pipeline_uniform": (uniform["workers 1"] if "workers 1" in uniform else uniform["workers 0"])["per_worker"],
+            "epoch_start": epoch_start(local_cfg(num_workers=1), batch=batch, repeats=repeats),
         }
         local["pipeline_vs_raw_read"] = local["pipeline"] / raw
         local["pipeline_vs_raw_read_cold"] = local["pipeline"] / local["raw_read_cold"]
@@ -359,12 +397,17 @@ def run(images: int = 256, boxes: int = 36, batch: int = 32, repeats: int = 3, s
                 server_cpu = (server.cpu_s() - s0) / repeats
                 remote = make_cfg(f"s3://{BUCKET}/cc/manifest.json", opts)
                 s3_pipes = pipelines(remote, n=n, batch=batch, repeats=repeats, workers=workers)
+                s3_uniform = pipelines(make_cfg(f"s3://{BUCKET}/cc/manifest.json", opts, order="uniform"), n=n,
+                                       batch=batch, repeats=repeats, workers=workers)
                 one_s3 = s3_pipes["workers 1"] if "workers 1" in s3_pipes else s3_pipes["workers 0"]
                 r = out["s3"] = {"raw_read": n / wall, "raw_read_MBps": total_bytes / wall / 1e6,
                                  "client_cpu_s_per_GB": cpu / total_bytes * 1e9,
                                  "server_cpu_s_per_GB": server_cpu / total_bytes * 1e9,
                                  "pipeline": one_s3["per_worker"],
-                                 "pipeline_in_process": s3_pipes["workers 0"]["samples_per_s"], "workers": s3_pipes}
+                                 "pipeline_in_process": s3_pipes["workers 0"]["samples_per_s"], "workers": s3_pipes,
+                                 "orders": {"windows": s3_pipes, "uniform": s3_uniform},
+                                 "pipeline_uniform": (s3_uniform["workers 1"] if "workers 1" in s3_uniform
+                                                      else s3_uniform["workers 0"])["per_worker"]}
                 r["pipeline_vs_raw_read"] = r["pipeline"] / r["raw_read"]
                 r["pipeline_vs_local_pipeline"] = r["pipeline"] / local["pipeline"]
                 r["raw_read_vs_local_raw_read"] = r["raw_read"] / raw
@@ -384,29 +427,38 @@ def _f(x: float, digits: int = 0) -> str:
 def table(r: dict[str, Any]) -> str:
     loc = r["local"]
     lines = [f"data pipeline: {r['samples']} samples x {r['boxes']} regions ({r['sample_bytes'] / 1e3:.0f} KB/sample) "
-             f"in 4 shards, micro-batch {r['batch']}, shuffle window {r['shuffle_bytes']}, reads of "
+             f"in 4 shards, micro-batch {r['batch']}, shuffle windows of {r['shuffle_buffer']} samples, reads of "
              f"{r['read_chunk_bytes']} x{r['parallel_reads']} in flight, best of {r['repeats']}",
              "", "stages, one thread (each alone, on the same bytes):",
              f"  {'stage':<18} {'samples/s':>10} {'MB/s':>8} {'us/sample':>10}"]
     for name, s in loc["stages"].items():
         lines.append(f"  {name:<18} {_f(s['samples_per_s']):>10} {_f(s['MBps']):>8} {_f(s['us_per_sample'], 1):>10}")
     lines += ["", "pipeline (build_pretrain_loader, steady state):",
-              f"  {'source':<6} {'workers':<10} {'samples/s':>10} {'per worker':>11} {'CPU ms/sample':>14} {'1st batch s':>12}"]
+              f"  {'source':<6} {'order':<8} {'workers':<10} {'samples/s':>10} {'per worker':>11} {'CPU ms/sample':>14} "
+              f"{'requests/sample':>16} {'KB read/sample':>15} {'1st batch s':>12}"]
     for src in ("local", "s3"):
         if src not in r:
             continue
-        for name, p in r[src]["workers"].items():
-            lines.append(f"  {src:<6} {name[8:] or '0':<10} {_f(p['samples_per_s']):>10} {_f(p['per_worker']):>11} "
-                         f"{_f(p['cpu_ms_per_sample'], 2):>14} {_f(p['first_batch_s'], 2):>12}")
+        for order, pipes in r[src]["orders"].items():
+            for name, p in pipes.items():
+                lines.append(f"  {src:<6} {order:<8} {name[8:] or '0':<10} {_f(p['samples_per_s']):>10} "
+                             f"{_f(p['per_worker']):>11} {_f(p['cpu_ms_per_sample'], 2):>14} "
+                             f"{_f(p['requests_per_sample'], 2):>16} {_f(p['read_bytes_per_sample'] / 1e3):>15} "
+                             f"{_f(p['first_batch_s'], 2):>12}")
+    e = loc["epoch_start"]
+    lines += ["", "epoch start, 1 worker (seconds to the first batch of a new epoch):",
+              f"  workers living on from the last epoch {e['live workers']:.3f}   new workers (fork) {e['new workers']:.3f}"]
     g = loc["gpu_goal"]
     lines += ["", "ratios (per worker = one DataLoader worker process):",
               f"  local pipeline / raw read, page cache  {loc['pipeline_vs_raw_read']:.2f}   (goal >= 0.80)",
               f"  local pipeline / raw read, cold cache  {loc['pipeline_vs_raw_read_cold']:.2f}   (goal >= 0.80)",
               f"  local pipeline / tarfile split         {loc['pipeline_vs_raw_tar']:.2f}",
-              f"  in-process pipeline / raw read         {loc['in_process_vs_raw_read']:.2f}"]
+              f"  in-process pipeline / raw read         {loc['in_process_vs_raw_read']:.2f}",
+              f"  uniform / windows order, per worker    {loc['pipeline_uniform'] / loc['pipeline']:.2f}"]
     if "s3" in r:
         s = r["s3"]
         lines += [f"  S3 pipeline / local pipeline           {s['pipeline_vs_local_pipeline']:.2f}   (goal >= 0.90)",
+                  f"  S3 uniform / windows order, per worker {s['pipeline_uniform'] / s['pipeline']:.2f}",
                   f"  S3 raw read / local raw read           {s['raw_read_vs_local_raw_read']:.2f}",
                   f"  S3 raw read {s['raw_read_MBps']:.0f} MB/s: client {s['client_cpu_s_per_GB']:.2f} CPU-s/GB, "
                   f"moto server {s['server_cpu_s_per_GB']:.2f} CPU-s/GB (same cores)"]
@@ -438,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--boxes", type=int, default=36)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--window", default="64MB", help="data.shuffle_bytes (the next window is read while one is processed)")
+    p.add_argument("--shuffle-buffer", type=int, default=240,
+                   help="data.shuffle_buffer of the windows order (240 samples = 64 MB at 36 regions; the next window "
+                        "is read while one is processed)")
     p.add_argument("--chunk", default="8MiB", help="data.read_chunk_bytes")
     p.add_argument("--reads", type=int, default=4, help="data.readahead_chunks: ranged reads in flight")
     p.add_argument("--no-s3", action="store_true", help="skip the local S3 endpoint")
@@ -451,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         args.images, args.repeats = 256, 2
     ballast = _ballast(args.parent_gib)  # noqa: F841 - held until the figures are taken
     r = run(images=args.images, boxes=args.boxes, batch=args.batch, repeats=args.repeats, s3=not args.no_s3,
-            window=args.window, chunk=args.chunk, parallel_reads=args.reads)
+            shuffle_buffer=args.shuffle_buffer, chunk=args.chunk, parallel_reads=args.reads)
     r["command"] = "python bench/data_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(table(r))
     if args.json:

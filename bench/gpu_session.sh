@@ -197,7 +197,7 @@ wants a && run_part a_bench 210 $PY bench/run.py $BENCH_ARGS $ADAM_BENCH --only 
 if wants b && data_ready cc_shards "$CC_PID"; then
     mkdir -p "$WORK/runs"
     run_part b_pretrain 120 $PY -m vilbert_ds.pretrain --config pretrain_cc --deepspeed ds_configs/zero1_bf16.json \
-        data.train="$WORK/cc/manifest.json" data.vocab="$VOCAB" data.num_workers=$WORKERS data.shuffle_bytes=64MB \
+        data.train="$WORK/cc/manifest.json" data.vocab="$VOCAB" data.num_workers=$WORKERS \
         data.resampled=true data.epoch_samples=$((STEPS * MB)) model.config=$MODEL \
         train.output_dir="$WORK/runs/pretrain" train.total_steps=$STEPS train.save_every=1000000 train.keep_last=1 \
         metrics.log_every=$LOG_EVERY metrics.wandb=disabled metrics.tensorboard=false metrics.progress_bar=false \

@@ -64,7 +64,7 @@ def launch_pretrain(root: Path, manifest: Path, *, ranks: int, steps: int, micro
     out_dir = root / name
     overrides = [
         f"data.train={manifest}", f"data.vocab={minilm_dir()}", "data.max_seq_length=36", "data.max_regions=36",
-        f"data.num_workers={workers}", "data.shuffle_bytes=4MB", f"train.output_dir={out_dir}",
+        f"data.num_workers={workers}", f"train.output_dir={out_dir}",
         f"train.total_steps={steps}", f"train.save_every={steps + 1}", "train.keep_last=1",
         "metrics.log_every=1", "metrics.wandb=disabled", "metrics.tensorboard=false", "metrics.progress_bar=false",
         f"ds.train_batch_size={micro_batch * ranks}", f"ds.train_micro_batch_size_per_gpu={micro_batch}",

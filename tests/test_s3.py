@@ -42,7 +42,7 @@ def s3_set(s3_server, tmp_path_factory):
 def _cfg(data_config, s3_set, storage_options=None, **kw):
     base = dict(train=s3_set["url"], storage_options=s3_set["opts"] if storage_options is None else storage_options,
                 max_regions=36,
-                shuffle_bytes="1MB", read_chunk_bytes="1MiB", retry_backoff_s=0.1)
+                shuffle_buffer=4, read_chunk_bytes="1MiB", retry_backoff_s=0.1)
     base.update(kw)
     return data_config(**base)
 
@@ -128,7 +128,7 @@ def test_server_restart_mid_stream_recovers(s3_set, data_config, s3_server):
 def test_connections_cut_every_mb_lose_nothing(s3_set, data_config, cutting_proxy, s3_server, caplog):
     proxy = cutting_proxy(1_000_000)
     opts = dict(s3_set["opts"], endpoint_url=proxy.endpoint)
-    cfg = _cfg(data_config, s3_set, storage_options=opts, num_workers=2, read_chunk_bytes="4MiB", shuffle_bytes="8MB")
+    cfg = _cfg(data_config, s3_set, storage_options=opts, num_workers=2, read_chunk_bytes="4MiB", shuffle_buffer=30)
     reference = _features_by_key(s3_set["local"])
     got = {}
     loader = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=3, seed=1)

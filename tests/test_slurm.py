@@ -124,6 +124,31 @@ def test_two_node_zero2_job_survives_its_warning_signal_and_a_node_crash(slurm, 
     _assert_every_sample_once(run_dir, 24, launch_inputs)
 
 
+def test_two_node_job_crosses_many_epoch_boundaries_with_loader_workers(slurm, launch_inputs, tmp_path):
+    """The sbatch script with a loader worker per rank and 4-step epochs, run past several epoch
+    boundaries (issue 12 item 5: a rank died of ENOMEM in fork() when the next epoch's worker
+    started). Each rank keeps one worker process for the whole job and what it and its worker
+    have committed stays flat (the loaders' epoch reports, VILBERT_DS_LOADER_REPORTS)."""
+    run_dir, reports = tmp_path / "run", tmp_path / "reports"
+    steps, per_epoch = 24, 4  # epoch_samples 32 = 2 ranks x micro-batch 4 x 4 steps
+    job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--job-name=epochs", str(REPO / "slurm" / "train.sbatch"),
+                        *launch_inputs.overrides(run_dir, **{"data.num_workers": 1, "data.epoch_samples": 32,
+                                                             "train.total_steps": steps, "train.save_every": 100})],
+                       env=dict(_job_env(launch_inputs), VILBERT_DS_LOADER_REPORTS=str(reports)), cwd=tmp_path)
+    record = slurm.wait_job(job, timeout_s=240)[0]
+    log = _job_log(tmp_path, job)
+    assert record["JobState"] == "COMPLETED", f"{record}\n{log[-4000:]}"
+    assert sorted(read_metrics(run_dir)) == list(range(1, steps + 1))
+    for rank in (0, 1):
+        epochs = [json.loads(line) for line in (reports / f"train-rank{rank}.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in epochs] == list(range(steps // per_epoch - 1)), epochs
+        assert len({tuple(sorted(r["workers"])) for r in epochs}) == 1 and len(epochs[0]["workers"]) == 1, epochs
+        first = epochs[1]
+        for r in epochs[1:]:
+            assert r["committed"] <= first["committed"] + 256 * 2**20, [e["committed"] >> 20 for e in epochs]
+            assert [*r["workers"].values()][0] <= [*first["workers"].values()][0] + 64 * 2**20, epochs
+
+
 def test_sbatch_scripts_start_their_entry_points(slurm, tmp_path):
     """multitask / finetune / eval: submitted unchanged, srun starts the right module (asked for
     its --help, so no task data is needed) with the script's own arguments in front."""

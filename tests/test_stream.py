@@ -237,15 +237,95 @@ def test_brace_pattern_and_file_urls(data_config, synthetic_shards):
     assert [b.keys for b in by_pattern] == [b.keys for b in by_manifest]
 
 
-def test_shuffle_window_is_bounded_in_bytes(data_config, synthetic_shards):
+def _shard_order(synthetic_shards) -> list[str]:
     m = json.loads(synthetic_shards.manifest.read_text())
-    per_sample = sum(s["offsets"][-1] - s["offsets"][0] for s in m["shards"]) / m["num_samples"]
-    loader = build_pretrain_loader(data_config(shuffle_bytes="400KB"), rank=0, world_size=1, micro_batch_size=4, seed=0)
-    assert loader.window == int(400_000 // per_sample) and loader.window * per_sample <= 400_000
+    return [k for s in m["shards"] for k in
+            json.loads((synthetic_shards.out / s["name"].replace(".tar", ".stats.json")).read_text())["keys"]]
+
+
+def test_shuffle_window_is_counted_in_samples_over_ranks(data_config, synthetic_shards):
+    """shuffle_buffer is the original's cache: 5000 // world_size samples per rank by default;
+    each window of the rank's order is a permutation of a contiguous run of the epoch plan."""
+    assert build_pretrain_loader(data_config(shuffle_buffer=5000), rank=0, world_size=8, micro_batch_size=2,
+                                 seed=0).window == 625
+    loader = build_pretrain_loader(data_config(shuffle_buffer=12, num_workers=0), rank=0, world_size=2,
+                                   micro_batch_size=2, seed=0)
+    assert loader.window == 6 and loader.order == "windows of 6"
+    plan_order = [k for b in build_pretrain_loader(data_config(shuffle=False, num_workers=0), rank=0, world_size=1,
+                                                   micro_batch_size=2, seed=0) for k in b.keys]
+    assert plan_order == _shard_order(synthetic_shards)  # shuffle off: shard order, sample order
     epoch0 = [k for b in loader for k in b.keys]
-    order = [k for s in m["shards"] for k in
-             json.loads((synthetic_shards.out / s["name"].replace(".tar", ".stats.json")).read_text())["keys"]]
-    assert sorted(epoch0) == sorted(order) and epoch0 != order
+    assert len(epoch0) == 24 and epoch0 != sorted(epoch0)
+
+
+def test_uniform_order_ignores_how_shards_group_samples(data_config, synthetic_shards):
+    """shuffle_buffer=None: one permutation of the whole epoch, sliced by rank: the same batches
+    for any worker count (workers deliver them round-robin), every sample once over the ranks, a
+    new order each epoch; with 4 shards of 12 a batch of 6 is spread over the shards as a uniform
+    draw is, not taken from one window."""
+    cfg = data_config(shuffle_buffer=None)
+    by_rank = [[list(b.keys) for b in build_pretrain_loader(cfg, rank=r, world_size=2, micro_batch_size=6, seed=4)]
+               for r in range(2)]
+    assert sorted(by_rank[0]) == sorted(list(b.keys) for b in build_pretrain_loader(
+        data_config(shuffle_buffer=None, num_workers=0), rank=0, world_size=2, micro_batch_size=6, seed=4))
+    keys = [k for rank in by_rank for b in rank for k in b]
+    assert sorted(keys) == sorted(_shard_order(synthetic_shards))
+    shard_of = {k: i // 12 for i, k in enumerate(_shard_order(synthetic_shards))}
+    spread = np.mean([len({shard_of[k] for k in b}) for rank in by_rank for b in rank])
+    windowed = [list(b.keys) for b in build_pretrain_loader(data_config(shuffle_buffer=6, num_workers=0), rank=0,
+                                                            world_size=1, micro_batch_size=6, seed=4)]
+    assert np.mean([len({shard_of[k] for k in b}) for b in windowed]) <= 2.0  # a window covers 1-2 shards
+    assert spread > 2.8  # uniform: 4 * (1 - C(36,6)/C(48,6)) = 3.30 shards per batch expected
+    loader = build_pretrain_loader(cfg, rank=0, world_size=2, micro_batch_size=6, seed=4)
+    loader.set_epoch(1)
+    assert [list(b.keys) for b in loader] != by_rank[0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uniform_order_resumes_mid_epoch_exactly(data_config, workers):
+    cfg = data_config(shuffle_buffer=None, num_workers=workers)
+    full = _epoch(build_pretrain_loader(cfg, rank=1, world_size=2, micro_batch_size=3, seed=9))
+    first = build_pretrain_loader(cfg, rank=1, world_size=2, micro_batch_size=3, seed=9)
+    it = iter(first)
+    seen = [list(next(it).keys) for _ in range(3)]
+    state = first.state_dict()
+    del it
+    assert state["order"] == "uniform"
+    resumed = build_pretrain_loader(cfg, rank=1, world_size=2, micro_batch_size=3, seed=9)
+    resumed.load_state_dict(state)
+    assert seen + _epoch(resumed) == full
+    windows = build_pretrain_loader(data_config(num_workers=workers), rank=1, world_size=2, micro_batch_size=3, seed=9)
+    with pytest.raises(ValueError, match="order"):
+        windows.load_state_dict(state)
+
+
+def test_workers_live_across_epochs_and_an_abandoned_epoch_resumes_in_place(data_config):
+    """One worker process per worker slot for the loader's life (no fork per epoch): the same
+    pids report every epoch. An iteration left mid-epoch, then the position restored on the same
+    loader, continues exactly: the live workers get the new batch ranges."""
+    cfg = data_config(num_workers=2)
+    reference = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=4, seed=3)
+    epochs = []
+    pids = []
+    for epoch in range(3):
+        reference.set_epoch(epoch)
+        epochs.append(_epoch(reference))
+        pids.append(set(reference.last_report["workers"]))
+    assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]
+    assert all(c > 0 for c in reference.last_report["workers"].values()) and reference.last_report["committed"] > 0
+
+    loader = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=4, seed=3)
+    loader.set_epoch(1)
+    it = iter(loader)
+    head = [list(next(it).keys) for _ in range(5)]
+    state = loader.state_dict()
+    del it  # the workers still hold prefetched batches of the abandoned iteration
+    loader.set_epoch(2)
+    assert _epoch(loader) == epochs[2]
+    workers = set(loader.last_report["workers"])
+    loader.load_state_dict(state)
+    assert head + _epoch(loader) == epochs[1]
+    assert set(loader.last_report["workers"]) == workers
 
 
 def test_config_never_shows_credentials():
@@ -256,6 +336,9 @@ def test_config_never_shows_credentials():
     text = repr(cfg) + json.dumps(cfg.to_dict())
     assert "sEcReT" not in text and "AKIA123" not in text and "T0K3NV4L" not in text and "http://h:1" in text
     assert cfg.to_dict(redact_secrets=False)["storage_options"]["secret"] == "sEcReT"
-    assert DataConfig(train="x", shuffle_bytes="64MiB").shuffle_bytes == 64 * 2**20
+    assert DataConfig(train="x", shuffle_buffer=None).shuffle_buffer is None
+    for bad in (0, True, "64MB", 2.5):
+        with pytest.raises(ValueError, match="data.shuffle_buffer"):
+            DataConfig(train="x", shuffle_buffer=bad)
     with pytest.raises(ValueError, match="data.on_error"):
         DataConfig(train="x", on_error="ignore")

@@ -47,13 +47,17 @@ def _loader_digest(cfg, *, mb: int, seed: int, epochs=(0,)) -> str:
 
 
 # (config overrides, micro-batch, seed, epochs) -> digest. 10 real regions per image in the
-# fixture shards: max_regions 12 pads, 8 truncates.
+# fixture shards: max_regions 12 pads, 8 truncates. shuffle_buffer 5 (the fixture's) and 3 are
+# the windows the golden run's shuffle_bytes 400KB and 300KB gave (76.8 KB per sample).
 LOADER_CASES = {
     "obj0_kl_pad": (dict(num_workers=0, max_regions=12), 8, 11, (0, 1), "f18314103109eb1a939a964a"),
     "obj1_regression_truncate": (dict(num_workers=0, max_regions=8, objective=1, visual_target=1), 6, 3, (0,),
                                  "a8fe14993d98092084a4747f"),
-    "obj2_two_workers": (dict(num_workers=2, max_regions=10, objective=2, shuffle_bytes="300KB"), 4, 5, (2,),
+    "obj2_two_workers": (dict(num_workers=2, max_regions=10, objective=2, shuffle_buffer=3), 4, 5, (2,),
                          "47093b60e403dd698ed485a8"),
+    # the uniform order (task loaders): recorded when it was added, not by the golden run
+    "obj0_uniform_two_workers": (dict(num_workers=2, max_regions=12, shuffle_buffer=None), 8, 11, (0, 1),
+                                 "e66d742d26085191a8d8905f"),
 }
 
 
@@ -69,7 +73,7 @@ def test_reused_worker_buffers_never_change_a_batch(data_config, workers):
     once the training process has dropped a batch (stream.BatchArena). A consumer that drops
     each batch at once (reuse on every slot) and one that keeps every batch (no reuse: fresh
     memory once the slots are taken) and one that keeps the last three must see the same bits."""
-    cfg = data_config(num_workers=workers, max_regions=10, shuffle_bytes="300KB")
+    cfg = data_config(num_workers=workers, max_regions=10, shuffle_buffer=3)
 
     def loader():
         return build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=2, seed=7)

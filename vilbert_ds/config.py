@@ -90,17 +90,17 @@ KINDS = ("pretrain", "multitask", "finetune")
 SECTIONS = ("data", "model", "optim", "train", "metrics", "tasks")
 _TASK_UNUSED = ("data.train", "data.val", "data.caption_pool", "data.resampled", "data.epoch_samples",
                 "data.max_seq_length", "data.max_regions", "data.objective", "data.mask_prob", "data.visual_target",
-                "model.task_heads", "train.img_weight")
+                "model.task_heads", "train.img_weight", "data.shuffle_buffer")
 # Keys a kind of run does not read: refused by name rather than silently ignored. Task runs take
 # text length and regions per task from the registry (max_seq_length, max_region_num).
 UNUSED_KEYS = {"pretrain": ("tasks",), "multitask": _TASK_UNUSED, "finetune": _TASK_UNUSED}
-# What a kind starts from before its YAML file (the smaller task shuffle window: task samples are
-# small and a window must mix several tasks' worth of images).
+# What a kind starts from before its YAML file. Task loaders always read a uniform order (the
+# original's RandomSampler), so data.shuffle_buffer is a pretraining key.
 KIND_DEFAULTS = {
     "pretrain": [],
-    "multitask": ["data.num_workers=1", "data.shuffle_bytes=64MB", "train.output_dir=runs/multitask",
+    "multitask": ["data.num_workers=1", "train.output_dir=runs/multitask",
                   "train.epochs=20", "train.seed=0"],
-    "finetune": ["data.num_workers=1", "data.shuffle_bytes=64MB", "train.epochs=20", "train.seed=0",
+    "finetune": ["data.num_workers=1", "train.epochs=20", "train.seed=0",
                  "tasks.sampler.stop_and_go.enabled=false"],
 }
 

@@ -195,7 +195,7 @@ def main(args: argparse.Namespace) -> int:
         "tasks": {"registry": str(registry), "names": ",".join(DEMO_TASKS), "head_lr": 2e-3,
                   "batch_size": {t: batch for t in DEMO_TASKS}, "eval_batch_size": {t: 64 * ranks for t in DEMO_TASKS},
                   "sampler": {"kind": "round_robin"}, "eval_max_batches": 2},
-        "data": {"vocab": str(minilm_dir()), "num_workers": 1, "shuffle_bytes": "4MB"},
+        "data": {"vocab": str(minilm_dir()), "num_workers": 1},
         "model": {"init_from": str(run_dir)},
         "train": {"output_dir": str(tasks_run), "total_steps": args.task_steps, "save_every": args.task_steps,
                   "seed": 0},

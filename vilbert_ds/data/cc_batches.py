@@ -313,6 +313,6 @@ def build_pretrain_loader(cfg: DataConfig, *, split: str = "train", rank: int, w
     return StreamingLoader(
         sources, rank=rank, world_size=world_size, micro_batch_size=micro_batch_size, seed=seed, make_batch=collate,
         num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor, pin_memory=cfg.pin_memory,
-        shuffle=cfg.shuffle and train, shuffle_bytes=cfg.shuffle_bytes, resampled=cfg.resampled and train,
+        shuffle=cfg.shuffle and train, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled and train,
         epoch_samples=cfg.epoch_samples if train else None, read=read_options(cfg, manifests), name=split,
     )

@@ -177,8 +177,11 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes per rank
     prefetch_factor: int = 2  # batches each worker keeps ready
     pin_memory: bool = False
-    shuffle: bool = True  # shuffle shard order (per epoch) and samples (within windows) for `train`
-    shuffle_bytes: int | str = "256MB"  # per-worker shuffle window, in bytes of shard data
+    shuffle: bool = True  # shuffle shard order (per epoch) and samples for `train`
+    # samples shuffled together, summed over ranks: each rank shuffles windows of
+    # shuffle_buffer // world_size samples (the original: LocallyShuffleData(5000 // world_size));
+    # null: a uniformly random order over the whole epoch (one ranged read per sample)
+    shuffle_buffer: int | None = 5000
     resampled: bool = False  # draw the epoch's shards with replacement (weighted by sample count)
     epoch_samples: int | None = None  # samples per epoch across all ranks (default: all samples once)
     read_chunk_bytes: int | str = "8MiB"  # size of each read request / readahead chunk
@@ -206,7 +209,10 @@ class DataConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.prefetch_factor < 1:
             raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
-        self.shuffle_bytes = parse_bytes(self.shuffle_bytes, name="data.shuffle_bytes")
+        if self.shuffle_buffer is not None and (isinstance(self.shuffle_buffer, bool) or not isinstance(
+                self.shuffle_buffer, int) or self.shuffle_buffer < 1):
+            raise ValueError(f"data.shuffle_buffer must be a sample count >= 1 or null (uniform order), "
+                             f"got {self.shuffle_buffer!r}")
         self.read_chunk_bytes = parse_bytes(self.read_chunk_bytes, name="data.read_chunk_bytes")
         if self.read_chunk_bytes < 4096:
             raise ValueError(f"data.read_chunk_bytes must be >= 4096, got {self.read_chunk_bytes}")

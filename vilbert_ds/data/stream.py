@@ -1,21 +1,37 @@
-"""The streaming loader: manifest -> epoch plan -> rank range -> shuffle windows -> workers -> batches.
+"""The streaming loader: manifest -> epoch plan -> rank range -> sample order -> workers -> batches.
 
 Stages (each a small function or class below):
 1. `EpochPlan`: the epoch's sequence of (shard, sample range) segments, from the manifests of one
    or more weighted sources, shard order shuffled (or resampled) with (seed, epoch). N samples.
 2. Rank split: every rank gets the same number of batches B = N // (world_size * micro_batch)
-   (the remainder, < world_size * micro_batch samples, is left out of this epoch; the shard
-   order changes every epoch so different samples are left out). Rank r owns the contiguous
-   range [r*S, (r+1)*S) of the sequence, S = B * micro_batch: counts come from the manifest,
-   before any byte is read, so no rank can run dry inside a collective.
-3. Shuffle windows: the rank's range is cut into windows of `shuffle_bytes` worth of samples;
-   each window is permuted with (seed, epoch, rank, window). The result is the rank's sample
-   order O; batch i is O[i*mb:(i+1)*mb]. O does not depend on the number of workers.
+   (the remainder, < world_size * micro_batch samples, is left out of this epoch and changes
+   every epoch). Counts come from the manifest, before any byte is read, so no rank can run dry
+   inside a collective.
+3. Sample order O of the rank (batch i = O[i*mb:(i+1)*mb]), one of two, both functions of
+   (seed, epoch, rank) only, never of the number of workers:
+   - shuffle windows (`shuffle_buffer` samples): rank r owns the contiguous range
+     [r*S, (r+1)*S) of the sequence (S = B * micro_batch), cut into windows of
+     shuffle_buffer // world_size samples, each permuted with (seed, epoch, rank, window). The
+     original mixes its pretraining stream the same way (tensorpack LocallyShuffleData over each
+     rank's part with a 5000 // world_size sample buffer, `train_concap.py`). Reads are
+     contiguous byte spans.
+   - uniform (`shuffle_buffer=None`): one permutation of all N samples with (seed, epoch); rank r
+     takes positions [r*S, (r+1)*S) of it. Every batch is a uniform draw from the whole set,
+     however the shards group samples (task shards are written grouped by image; the original's
+     task loaders sample uniformly). Each sample is a ranged read of its own bytes (the
+     manifest's per-sample offsets), several in flight.
 4. Workers: the batches not yet consumed (a list of ranges, initially [0, B)) are split into
-   contiguous blocks, one per DataLoader worker. A worker reads the byte spans of its windows
-   (ranged reads, parallel, resumed at the exact byte after a broken connection), decodes only
-   the samples it needs, and yields whole batches. The DataLoader hands out batches round-robin
-   over workers, so after c consumed batches worker w has delivered c//W + (w < c%W) of them.
+   contiguous blocks, one per DataLoader worker. A worker reads its samples one read unit at a
+   time (a window, or a group of ~READ_GROUP_BYTES in uniform order), the next unit in a
+   background thread while this one is masked and collated (ranged reads, parallel, resumed at
+   the exact byte after a broken connection), decodes only the samples it needs, and yields
+   whole batches. The DataLoader hands out batches round-robin over workers, so after c consumed
+   batches worker w has delivered c//W + (w < c%W) of them.
+   The workers live as long as the loader (persistent): each iteration's epoch and batch ranges
+   reach them through a small shared-memory table (`EpochControl`) written before the iteration
+   starts, so no process is forked per epoch. A fork charges the child everything the training
+   process has committed (its whole heap); forked once per run, at the first iteration, a
+   worker costs that once.
 5. Resume: `state_dict()` records the still-unconsumed batch ranges of O (a few integers);
    `load_state_dict()` makes the next iteration split exactly those over the workers (any
    worker count). A worker that starts inside a window reads that window again and drops the
@@ -24,23 +40,26 @@ Stages (each a small function or class below):
 Errors: an unreadable shard is retried (storage.RangeReader), then raises `ShardReadError`
 naming its URL (on_error="fail"), or is logged, counted and its samples are substituted
 (on_error="skip"). A corrupt sample raises `SampleError` naming shard and key, or is counted and
-substituted. Substitutes are other samples of the same window, so batch shapes and counts never
-change; every substitution is counted and reported at the end of the epoch.
+substituted. Substitutes are other samples of the same read unit, so batch shapes and counts
+never change; every substitution is counted and reported at the end of the epoch.
 """
 from __future__ import annotations
 
 import bisect
 import concurrent.futures as cf
 import hashlib
+import json
 import logging
+import os
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .. import hostmem
 from . import storage
 from .manifest import Manifest, ShardInfo
 from .sample import Sample, SampleError, decode
@@ -49,6 +68,7 @@ from .tario import TarFormatError, parse_sample, split_name
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+REPORTS_ENV = "VILBERT_DS_LOADER_REPORTS"  # a directory: each loader appends its epoch reports there
 
 
 def key_seed(key: str) -> tuple[int, int]:
@@ -220,6 +240,7 @@ class EpochPlan:
             take = min(self.shards[shard].count, target - n)
             segments.append(Segment(shard, 0, take))
             n += take
+        self.epoch = epoch
         self.segments = segments
         self.starts = np.cumsum([0] + [seg.end - seg.start for seg in segments]).tolist()
         self.total = n
@@ -250,21 +271,26 @@ class EpochPlan:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2-3. rank split and shuffle windows
+# 2-3. rank split and sample order
 
 
 @dataclass(frozen=True)
 class RankLayout:
-    """Sample order of one rank: batch i = positions [i*mb, (i+1)*mb) of O."""
+    """Sample order of one rank: batch i = positions [i*mb, (i+1)*mb) of O.
+
+    `window` > 0: shuffle windows of that many samples over the rank's contiguous range;
+    `window` == 0: uniform order (one permutation of the whole epoch, sliced by rank), read in
+    groups of `group` positions."""
 
     total: int  # N samples in the epoch plan
     rank: int
     world_size: int
     micro_batch: int
-    window: int  # samples per shuffle window
+    window: int  # samples per shuffle window; 0 = uniform order
     shuffle: bool
     seed: int
     epoch: int
+    group: int = 1  # uniform order: positions read together (a read unit); no effect on the order
 
     @property
     def batches(self) -> int:
@@ -278,6 +304,14 @@ class RankLayout:
     def base(self) -> int:
         return self.rank * self.samples
 
+    @property
+    def uniform(self) -> bool:
+        return self.window == 0 and self.shuffle
+
+    def unit(self, positions: np.ndarray) -> np.ndarray:
+        """Read unit of each O-position: its window, or its read group in uniform order."""
+        return positions // (self.group if self.uniform else self.window)
+
     def window_perm(self, j: int) -> np.ndarray:
         length = min(self.window, self.samples - j * self.window)
         if not self.shuffle:
@@ -285,9 +319,21 @@ class RankLayout:
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, self.rank, j, 0x51DE])
         return rng.permutation(length)
 
+    def epoch_perm(self) -> np.ndarray:
+        """Uniform order: the permutation of the epoch's N sequence indices; rank r's O-position p
+        is entry r*S + p. The same on every rank (seeded without the rank)."""
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, 0x0F1F])
+        return rng.permutation(self.total)
+
     def sequence_index(self, positions: np.ndarray, perms: dict[int, np.ndarray]) -> np.ndarray:
-        """Epoch-sequence indices of O-positions (perms: window -> permutation cache)."""
+        """Epoch-sequence indices of O-positions (perms: cache of window permutations, or of the
+        epoch permutation under key -1)."""
         positions = np.asarray(positions, dtype=np.int64)
+        if self.uniform:
+            perm = perms.get(-1)
+            if perm is None:
+                perm = perms[-1] = self.epoch_perm()
+            return perm[self.base + positions]
         windows = positions // self.window
         out = np.empty(len(positions), dtype=np.int64)
         for j in np.unique(windows).tolist():
@@ -387,17 +433,19 @@ class StreamStats:
     resumed: int = 0
     bad_shards: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # first few messages, for the report
+    workers: dict[int, int] = field(default_factory=dict)  # worker pid -> committed bytes at its last batch
 
     def add(self, other: "StreamStats") -> None:
         for name in ("samples", "substituted", "corrupt", "bytes", "requests", "retries", "resumed"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.bad_shards.extend(u for u in other.bad_shards if u not in self.bad_shards)
         self.errors.extend(other.errors[: max(0, 20 - len(self.errors))])
+        self.workers.update(other.workers)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(samples=self.samples, substituted=self.substituted, corrupt=self.corrupt, bytes=self.bytes,
                     requests=self.requests, retries=self.retries, resumed=self.resumed,
-                    bad_shards=list(self.bad_shards), errors=list(self.errors))
+                    bad_shards=list(self.bad_shards), errors=list(self.errors), workers=dict(self.workers))
 
 
 class _Missing:
@@ -434,36 +482,40 @@ def _span(chunks: deque, start: int, end: int):
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
+# A gap of at most this many bytes between two wanted samples of a shard is read through: one
+# request instead of two. Object stores: a request's latency (~20-50 ms) is worth ~1-4 MB of
+# bandwidth. Local files: a separate read costs microseconds, the bytes skipped are not copied.
+REMOTE_GAP_BYTES = 1 << 20
+LOCAL_GAP_BYTES = 0
+
+
+def sample_runs(shard: ShardInfo, local_ids: Sequence[int]) -> list[list[int]]:
+    """`local_ids` (sorted, unique) cut into runs that one ranged read each covers: adjacent
+    samples, and across gaps of at most REMOTE_GAP_BYTES / LOCAL_GAP_BYTES."""
+    gap = LOCAL_GAP_BYTES if storage.is_local(shard.url) else REMOTE_GAP_BYTES
+    runs: list[list[int]] = []
+    for i in local_ids:
+        if runs and shard.offsets[i] - shard.offsets[runs[-1][-1] + 1] <= gap:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 def read_samples(shard: ShardInfo, local_ids: Sequence[int], opts: ReadOptions, stats: StreamStats,
                  dead: set[str]) -> dict[int, Sample | _Missing]:
-    """Reads the samples `local_ids` (sorted, unique) of one shard with one ranged read over the
-    span that contains them; returns local id -> Sample or _Missing. Decoded arrays are views
-    into the read chunks (no copy)."""
+    """Reads the samples `local_ids` (sorted, unique) of one shard, one ranged read per run of
+    them (`sample_runs`: a contiguous range is one read, scattered samples are read alone);
+    returns local id -> Sample or _Missing. Decoded arrays are views into the read chunks (no
+    copy)."""
     out: dict[int, Sample | _Missing] = {}
     url = storage.safe_url(shard.url)
     if shard.url in dead:
         return {i: _Missing(f"{url}: unreadable (skipped)") for i in local_ids}
-    lo, hi = local_ids[0], local_ids[-1]
-    start, end = shard.offsets[lo], shard.offsets[hi + 1]
     rstats = storage.ReadStats()
-    reader = storage.RangeReader(shard.url, start, end, storage_options=opts.storage_options,
-                                 chunk_bytes=opts.chunk_bytes, parallel=opts.parallel, retries=opts.retries,
-                                 backoff_s=opts.backoff_s, stats=rstats)
-    wanted = iter(local_ids)
-    cur = next(wanted, None)
-    chunks: deque = deque()  # (absolute offset, memoryview), covering [chunks[0].offset, pos)
-    pos = start
     try:
-        for chunk in reader:
-            chunks.append((pos, memoryview(chunk)))
-            pos += len(chunk)
-            while cur is not None and pos >= shard.offsets[cur + 1]:
-                data = _span(chunks, shard.offsets[cur], shard.offsets[cur + 1])
-                out[cur] = _decode(shard, cur, data, opts, stats, url)
-                cur = next(wanted, None)
-            keep = shard.offsets[cur] if cur is not None else end
-            while chunks and chunks[0][0] + len(chunks[0][1]) <= keep:
-                chunks.popleft()  # decoded samples keep their own chunk alive; nothing else does
+        for run in sample_runs(shard, local_ids):
+            _read_run(shard, run, opts, stats, rstats, url, out)
     except storage.ShardReadError as e:
         if opts.on_error == "fail":
             raise
@@ -480,6 +532,30 @@ def read_samples(shard: ShardInfo, local_ids: Sequence[int], opts: ReadOptions, 
         stats.retries += rstats.retries
         stats.resumed += rstats.resumed
     return out
+
+
+def _read_run(shard: ShardInfo, run: list[int], opts: ReadOptions, stats: StreamStats, rstats: storage.ReadStats,
+              url: str, out: dict[int, Sample | _Missing]) -> None:
+    """One ranged read over the span of `run` (sorted local ids), decoding the wanted samples
+    into `out` as their bytes arrive."""
+    start, end = shard.offsets[run[0]], shard.offsets[run[-1] + 1]
+    reader = storage.RangeReader(shard.url, start, end, storage_options=opts.storage_options,
+                                 chunk_bytes=opts.chunk_bytes, parallel=opts.parallel, retries=opts.retries,
+                                 backoff_s=opts.backoff_s, stats=rstats)
+    wanted = iter(run)
+    cur = next(wanted, None)
+    chunks: deque = deque()  # (absolute offset, memoryview), covering [chunks[0].offset, pos)
+    pos = start
+    for chunk in reader:
+        chunks.append((pos, memoryview(chunk)))
+        pos += len(chunk)
+        while cur is not None and pos >= shard.offsets[cur + 1]:
+            data = _span(chunks, shard.offsets[cur], shard.offsets[cur + 1])
+            out[cur] = _decode(shard, cur, data, opts, stats, url)
+            cur = next(wanted, None)
+        keep = shard.offsets[cur] if cur is not None else end
+        while chunks and chunks[0][0] + len(chunks[0][1]) <= keep:
+            chunks.popleft()  # decoded samples keep their own chunk alive; nothing else does
 
 
 def _decode(shard: ShardInfo, i: int, data: bytes, opts: ReadOptions, stats: StreamStats,
@@ -513,90 +589,152 @@ def _decode(shard: ShardInfo, i: int, data: bytes, opts: ReadOptions, stats: Str
 
 
 # ---------------------------------------------------------------------------------------------
-# the per-epoch iterable run by each DataLoader worker
+# the iterable run by each DataLoader worker
 
 
 BatchFn = Callable[[list[Sample], int], Any]  # (samples, epoch) -> batch
 
+MAX_RANGES = 16  # batch ranges per worker in an EpochControl row (a fresh epoch has 1, a resume 1-2)
+READ_GROUP_BYTES = 32 * 10**6  # uniform order: bytes of samples a worker reads as one unit (it holds two)
+
+
+class EpochControl:
+    """What each persistent worker does in the next iteration: the epoch and its batch ranges,
+    one row per worker of a shared int64 table [workers, 2 + 2 * capacity] made before the
+    workers fork. The training process writes the table before it starts an iteration; a worker
+    reads its row when its iteration starts, which is after the DataLoader's resume message, so
+    after the write."""
+
+    def __init__(self, workers: int, capacity: int = MAX_RANGES):
+        self.capacity = capacity
+        self.table = torch.zeros((workers, 2 + 2 * capacity), dtype=torch.int64).share_memory_()
+
+    def fits(self, blocks: list[list[tuple[int, int]]]) -> bool:
+        return len(blocks) == self.table.shape[0] and all(len(block) <= self.capacity for block in blocks)
+
+    def write(self, epoch: int, blocks: list[list[tuple[int, int]]]) -> None:
+        rows = torch.zeros_like(self.table)
+        for w, block in enumerate(blocks):
+            rows[w, 0], rows[w, 1] = epoch, len(block)
+            for k, (a, b) in enumerate(block):
+                rows[w, 2 + 2 * k], rows[w, 3 + 2 * k] = a, b
+        self.table.copy_(rows)
+
+    def read(self, worker: int) -> tuple[int, list[tuple[int, int]]]:
+        row = self.table[worker].tolist()
+        return row[0], [(row[2 + 2 * k], row[3 + 2 * k]) for k in range(row[1])]
+
 
 @dataclass
-class EpochSpec:
-    """Everything a worker needs for one iteration (picklable)."""
+class StreamSpec:
+    """What the workers need for every iteration (picklable; fixed for the loader's life). The
+    iteration's epoch and batch ranges come from `control` (workers) or the dataset (in-process)."""
 
     sources: list[Source]
-    layout: RankLayout
-    blocks: list[list[tuple[int, int]]]  # batch ranges of each worker slot
+    layout: RankLayout  # its epoch is replaced by the iteration's
     resampled: bool
     epoch_samples: int | None
     read: ReadOptions
     make_batch: Any  # object with setup() and __call__(samples, epoch)
     released: torch.Tensor | None = None  # [workers, slots] shared int64 (BatchArena); None: no arena
+    control: EpochControl | None = None  # None: iterated in the training process
 
 
-class EpochDataset(IterableDataset):
-    def __init__(self, spec: EpochSpec):
+class StreamDataset(IterableDataset):
+    """The batches of one iteration: in the training process (`epoch`, `blocks` given), or in a
+    persistent DataLoader worker (read from `spec.control` at each iteration)."""
+
+    def __init__(self, spec: StreamSpec, epoch: int = 0, blocks: list[tuple[int, int]] | None = None):
         super().__init__()
         self.spec = spec
+        self.epoch, self.blocks = epoch, blocks or []
+        self._plan: EpochPlan | None = None  # the last epoch's plan (a worker keeps it across iterations)
+        self._arena: BatchArena | None = None
+        self._started = False
+
+    def _worker_start(self, worker: int) -> None:
+        """Once per worker process."""
+        torch.set_num_threads(1)  # decode/mask are numpy; one thread per worker process
+        storage.forget_inherited_filesystems()  # never touch the parent's S3/HTTP sessions
+        self.spec.make_batch.setup()
+        if self.spec.released is not None:
+            self._arena = BatchArena(self.spec.released, worker)
+        self._started = True
 
     def __iter__(self):
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is not None:
-            torch.set_num_threads(1)  # decode/mask are numpy; one thread per worker process
-            storage.forget_inherited_filesystems()  # never touch the parent's S3/HTTP sessions
         spec = self.spec
-        lay = spec.layout
-        if len(spec.blocks) != workers:
-            raise RuntimeError(f"epoch spec has {len(spec.blocks)} worker blocks for {workers} workers")
-        blocks = spec.blocks[worker]
+        if info is None:
+            epoch, blocks = self.epoch, self.blocks
+            spec.make_batch.setup()
+        else:
+            if not self._started:
+                self._worker_start(info.id)
+            epoch, blocks = spec.control.read(info.id)
         if not blocks:
             return
-        plan = EpochPlan(spec.sources, seed=lay.seed, epoch=lay.epoch, shuffle=lay.shuffle,
-                         resampled=spec.resampled, epoch_samples=spec.epoch_samples)
-        spec.make_batch.setup()
-        arena = BatchArena(spec.released, worker) if info is not None and spec.released is not None else None
-        yield from _worker_batches(plan, lay, blocks, spec.read, spec.make_batch, arena)
+        lay = replace(spec.layout, epoch=epoch)
+        if self._plan is None or self._plan.epoch != epoch:
+            self._plan = EpochPlan(spec.sources, seed=lay.seed, epoch=epoch, shuffle=lay.shuffle,
+                                   resampled=spec.resampled, epoch_samples=spec.epoch_samples)
+        yield from _worker_batches(self._plan, lay, blocks, spec.read, spec.make_batch, self._arena,
+                                   report_memory=info is not None)
 
 
 def _worker_batches(plan: EpochPlan, lay: RankLayout, blocks: list[tuple[int, int]], opts: ReadOptions,
-                    make_batch, arena: BatchArena | None = None) -> Iterator[tuple[Any, dict[str, Any], Any]]:
-    """Yields (batch, stats delta, arena lease) for the worker's batch blocks, one shuffle window
-    at a time. The next window is read (and decoded) by a background thread while this one is
-    masked and collated, so network time overlaps compute; a worker holds at most two windows."""
+                    make_batch, arena: BatchArena | None = None,
+                    report_memory: bool = False) -> Iterator[tuple[Any, dict[str, Any], Any]]:
+    """Yields (batch, stats delta, arena lease) for the worker's batch blocks, one read unit (a
+    shuffle window, or a read group in uniform order) at a time. The next unit is read (and
+    decoded) by a background thread while this one is masked and collated, so network time
+    overlaps compute; a worker holds at most two units. With `report_memory`, the stats of the
+    last batch carry the worker's pid and committed memory (hostmem.committed)."""
     mb = lay.micro_batch
     positions = np.concatenate([np.arange(a * mb, b * mb) for a, b in blocks])  # ascending O-positions
-    windows = positions // lay.window
+    units = lay.unit(positions)
     bounds = []
     lo = 0
     while lo < len(positions):
-        hi = int(np.searchsorted(windows, windows[lo], side="right"))
+        hi = int(np.searchsorted(units, units[lo], side="right"))
         bounds.append((lo, hi))
         lo = hi
     perms: dict[int, np.ndarray] = {}
-    dead: set[str] = set()  # only the loader thread touches perms and dead
+    dead: set[str] = set()  # only the loader thread (and its read pool) touches perms and dead
+    remote = any(not storage.is_local(s.url) for s in plan.shards)
+    # object stores: the runs of a unit are requested `parallel` at a time (uniform order reads
+    # one sample per request); local files are read in order (the page cache reads ahead)
+    pool = cf.ThreadPoolExecutor(max_workers=opts.parallel, thread_name_prefix="sample-read") \
+        if remote and opts.parallel > 1 else None
 
     def load(k: int):
         lo, hi = bounds[k]
         seq = lay.sequence_index(positions[lo:hi], perms)
-        perms.pop(int(windows[lo]), None)  # a window is visited once per worker
+        if not lay.uniform:
+            perms.pop(int(units[lo]), None)  # a window is visited once per worker
         wstats = StreamStats()
-        return seq, _load_window(plan, seq, opts, wstats, dead), wstats
+        return seq, _load_window(plan, seq, opts, wstats, dead, pool), wstats
 
-    recent: list[Sample] = []  # last good samples: substitutes when a whole window is unreadable
+    recent: list[Sample] = []  # last good samples: substitutes when a whole unit is unreadable
     stats = StreamStats()
     pending: list[Sample] = []
-    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="window-read") as pool:
-        future = pool.submit(load, 0) if bounds else None
+    produced, total = 0, len(positions) // mb
+    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="window-read") as ahead:
+        future = ahead.submit(load, 0) if bounds else None
         try:
             for k in range(len(bounds)):
                 seq, cache, wstats = future.result()
-                future = pool.submit(load, k + 1) if k + 1 < len(bounds) else None
+                future = ahead.submit(load, k + 1) if k + 1 < len(bounds) else None
                 stats.add(wstats)
                 cache = _substitute(cache, seq, lay, recent, stats)
                 for g in seq.tolist():
                     pending.append(cache[g])
                     if len(pending) == mb:
                         stats.samples += mb
+                        produced += 1
+                        if report_memory and produced == total:
+                            c = hostmem.committed()
+                            if c is not None:
+                                stats.workers[os.getpid()] = c.total
                         batch, lease = _collate(make_batch, pending, lay.epoch, arena)
                         yield batch, stats.as_dict(), lease
                         stats = StreamStats()
@@ -604,6 +742,8 @@ def _worker_batches(plan: EpochPlan, lay: RankLayout, blocks: list[tuple[int, in
         finally:
             if future is not None:
                 future.cancel()
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _collate(make_batch, samples: list[Sample], epoch: int, arena: BatchArena | None):
@@ -620,19 +760,30 @@ def _collate(make_batch, samples: list[Sample], epoch: int, arena: BatchArena | 
     return batch, arena.end()
 
 
-def _load_window(plan: EpochPlan, seq: np.ndarray, opts: ReadOptions, stats: StreamStats,
-                 dead: set[str]) -> dict[int, Sample | _Missing]:
-    """Sequence index -> sample for the needed indices of one window."""
+def _load_window(plan: EpochPlan, seq: np.ndarray, opts: ReadOptions, stats: StreamStats, dead: set[str],
+                 pool: cf.Executor | None = None) -> dict[int, Sample | _Missing]:
+    """Sequence index -> sample for the needed indices of one read unit. With `pool`, the runs
+    of every shard (`sample_runs`) are read concurrently; stats are merged in a fixed order."""
     by_segment: dict[int, list[tuple[int, int]]] = {}
     for g in sorted(set(seq.tolist())):
         seg_j, local = plan.locate(g)
         by_segment.setdefault(seg_j, []).append((local, g))
     out: dict[int, Sample | _Missing] = {}
+    jobs = []
     for seg_j, pairs in by_segment.items():
         shard = plan.shards[plan.segments[seg_j].shard]
-        got = read_samples(shard, [p[0] for p in pairs], opts, stats, dead)
-        for local, g in pairs:
-            out[g] = got[local]
+        to_global = dict(pairs)
+        if pool is None:
+            got = read_samples(shard, [p[0] for p in pairs], opts, stats, dead)
+            out.update((to_global[local], sample) for local, sample in got.items())
+            continue
+        for run in sample_runs(shard, [p[0] for p in pairs]):
+            job_stats = StreamStats()
+            jobs.append((pool.submit(read_samples, shard, run, opts, job_stats, dead), job_stats, to_global))
+    for future, job_stats, to_global in jobs:
+        got = future.result()
+        stats.add(job_stats)
+        out.update((to_global[local], sample) for local, sample in got.items())
     return out
 
 
@@ -665,17 +816,25 @@ class StreamingLoader:
     - `__len__()` batches per epoch on this rank (identical on every rank; from manifests);
     - `set_epoch(epoch)`: a different epoch starts from its beginning; the current one keeps
       its position (so `load_state_dict()` then `set_epoch(same)` resumes);
-    - `state_dict()` / `load_state_dict()`: the position as a small plain dict.
+    - `state_dict()` / `load_state_dict()`: the position as a small plain dict;
+    - `close()`: ends the worker processes (also when the loader is garbage-collected).
+
+    `shuffle_buffer`: samples shuffled together, summed over ranks (each rank shuffles windows
+    of shuffle_buffer // world_size samples, as the original's pretraining loader); None: a
+    uniformly random order over the whole epoch (task loaders).
     """
 
     def __init__(self, sources: list[Source], *, rank: int, world_size: int, micro_batch_size: int, seed: int,
                  make_batch, num_workers: int = 2, prefetch_factor: int = 2, pin_memory: bool = False,
-                 shuffle: bool = True, shuffle_bytes: int = 256 * 10**6, resampled: bool = False,
+                 shuffle: bool = True, shuffle_buffer: int | None = 5000, resampled: bool = False,
                  epoch_samples: int | None = None, read: ReadOptions, name: str = "train"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if shuffle_buffer is not None and shuffle_buffer < 1:
+            raise ValueError(f"{name}: shuffle_buffer must be >= 1 sample (or None for a uniform order), "
+                             f"got {shuffle_buffer}")
         self.sources = sources
         self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch_size
         self.seed = seed
@@ -687,7 +846,15 @@ class StreamingLoader:
         total_bytes = sum(s.data_bytes for src in sources for s in src.manifest.shards)
         total_count = sum(s.count for src in sources for s in src.manifest.shards)
         self.sample_bytes = total_bytes / max(total_count, 1)  # mean bytes per sample in the tars
-        self.window = max(1, int(shuffle_bytes // max(self.sample_bytes, 1))) if shuffle else 1 << 62
+        if not shuffle:
+            self.window = 1 << 62  # one window, in sequence order
+        elif shuffle_buffer is None:
+            self.window = 0  # uniform order
+        else:
+            self.window = max(1, shuffle_buffer // world_size)
+        # uniform order: positions read as one unit (the order does not depend on it)
+        self.group = max(micro_batch_size, int(READ_GROUP_BYTES // max(self.sample_bytes, 1)))
+        self.order = "sequential" if not shuffle else "uniform" if self.window == 0 else f"windows of {self.window}"
         self.epoch_total = epoch_samples if epoch_samples is not None else total_count
         self._batches = self.epoch_total // (world_size * micro_batch_size)
         if self._batches == 0:
@@ -700,6 +867,9 @@ class StreamingLoader:
         self._consumed_total = 0  # batches consumed in this epoch (over resumes)
         self.report = StreamStats()
         self.last_report: dict[str, Any] | None = None
+        self._dataloader: DataLoader | None = None  # persistent workers, made at the first iteration
+        self._control: EpochControl | None = None
+        self._leases: _Leases | None = None
 
     # -- protocol ------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -718,17 +888,19 @@ class StreamingLoader:
         return dict(version=STATE_VERSION, name=self.name, epoch=self.epoch, consumed=self._consumed_total,
                     slots=[[list(r) for r in slot] for slot in self._slots], batches_per_epoch=self._batches,
                     seed=self.seed, world_size=self.world_size, micro_batch_size=self.micro_batch,
-                    fingerprint=self.fingerprint)
+                    fingerprint=self.fingerprint, order=self.order)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"{self.name} loader state version {state.get('version')} is not {STATE_VERSION}")
         for key, mine in (("world_size", self.world_size), ("micro_batch_size", self.micro_batch),
-                          ("seed", self.seed), ("batches_per_epoch", self._batches), ("fingerprint", self.fingerprint)):
-            if state.get(key) != mine:
-                raise ValueError(f"{self.name} loader state has {key}={state.get(key)!r} but this run has {mine!r}: "
-                                 f"a mid-epoch resume needs the same shards, seed, world size and micro-batch "
-                                 f"(start the next epoch instead: loader.set_epoch(epoch + 1))")
+                          ("seed", self.seed), ("batches_per_epoch", self._batches), ("fingerprint", self.fingerprint),
+                          ("order", self.order)):
+            theirs = state.get(key, mine) if key == "order" else state.get(key)  # states saved before "order" have none
+            if theirs != mine:
+                raise ValueError(f"{self.name} loader state has {key}={theirs!r} but this run has {mine!r}: "
+                                 f"a mid-epoch resume needs the same shards, seed, world size, micro-batch and "
+                                 f"sample order (start the next epoch instead: loader.set_epoch(epoch + 1))")
         self.epoch = int(state["epoch"])
         self._slots = [[(int(a), int(b)) for a, b in slot] for slot in state["slots"]]
         self._consumed_total = int(state["consumed"])
@@ -745,27 +917,50 @@ class StreamingLoader:
             return [list(slot) for slot in self._slots]
         return split_ranges(WorkerRoundRobin(self._slots).merged(), workers)
 
+    def _layout(self) -> RankLayout:
+        return RankLayout(total=self.epoch_total, rank=self.rank, world_size=self.world_size,
+                          micro_batch=self.micro_batch, window=self.window, shuffle=self.shuffle,
+                          seed=self.seed, epoch=self.epoch, group=self.group)
+
+    def _spec(self, **workers) -> StreamSpec:
+        return StreamSpec(sources=self.sources, layout=self._layout(), resampled=self.resampled,
+                          epoch_samples=self.epoch_samples, read=self.read, make_batch=self.make_batch, **workers)
+
+    def _worker_loader(self, blocks: list[list[tuple[int, int]]]) -> DataLoader:
+        """The persistent DataLoader with this iteration's (epoch, blocks) written to its control
+        table. Made (forking the workers) at the first iteration; made again only when a resume
+        leaves a worker more batch ranges than the table holds. A worker's BatchArena stays
+        valid across its iterations."""
+        if self._dataloader is None or not self._control.fits(blocks):
+            self.close()
+            # per worker: the batch being built, prefetch_factor queued, ~2 held by the trainer
+            released = torch.zeros((self.num_workers, self.prefetch_factor + 4), dtype=torch.int64).share_memory_()
+            self._leases = _Leases(released)
+            self._control = EpochControl(self.num_workers, max([MAX_RANGES] + [len(b) for b in blocks]))
+            self._dataloader = DataLoader(StreamDataset(self._spec(released=released, control=self._control)),
+                                          batch_size=None, num_workers=self.num_workers,
+                                          prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
+                                          persistent_workers=True, multiprocessing_context="fork")
+        self._control.write(self.epoch, blocks)
+        return self._dataloader
+
+    def close(self) -> None:
+        """Ends the worker processes (the next iteration starts new ones)."""
+        self._dataloader = None  # its iterator shuts the workers down when collected
+        self._control = None
+
     def __iter__(self):
         if self.remaining() == 0:
             return
         workers = max(1, self.num_workers)
         rr = WorkerRoundRobin(self._worker_blocks(workers))
-        layout = RankLayout(total=self.epoch_total, rank=self.rank, world_size=self.world_size,
-                            micro_batch=self.micro_batch, window=self.window, shuffle=self.shuffle,
-                            seed=self.seed, epoch=self.epoch)
-        spec = EpochSpec(sources=self.sources, layout=layout, blocks=[list(s) for s in rr.slots],
-                         resampled=self.resampled, epoch_samples=self.epoch_samples, read=self.read,
-                         make_batch=self.make_batch)
+        blocks = [list(s) for s in rr.slots]
         leases = None
         if self.num_workers > 0:
-            # per worker: the batch being built, prefetch_factor queued, ~2 held by the trainer
-            spec.released = torch.zeros((self.num_workers, self.prefetch_factor + 4), dtype=torch.int64).share_memory_()
-            leases = _Leases(spec.released)
-            loader = DataLoader(EpochDataset(spec), batch_size=None, num_workers=self.num_workers,
-                                prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
-                                persistent_workers=False, multiprocessing_context="fork")
+            loader = self._worker_loader(blocks)
+            leases = self._leases
         else:
-            loader = EpochDataset(spec)
+            loader = StreamDataset(self._spec(), epoch=self.epoch, blocks=blocks[0])
         self._slots = rr.rotated()
         for batch, stats, lease in loader:
             if leases is not None:
@@ -783,11 +978,23 @@ class StreamingLoader:
 
     def _epoch_end(self) -> None:
         r = self.report
-        self.last_report = dict(epoch=self.epoch, rank=self.rank, **r.as_dict())
+        mine = hostmem.committed()
+        self.last_report = dict(epoch=self.epoch, rank=self.rank, **r.as_dict(),
+                                committed=mine.total if mine else None, largest_mapping=mine.largest if mine else None)
         msg = (f"{self.name} epoch {self.epoch} rank {self.rank}: {r.samples} samples, {r.bytes / 1e6:.1f} MB, "
-               f"{r.retries} retries, {r.resumed} resumed connections, {r.corrupt} corrupt samples, "
-               f"{len(r.bad_shards)} unreadable shards, {r.substituted} substituted samples")
+               f"{r.requests} requests, {r.retries} retries, {r.resumed} resumed connections, {r.corrupt} corrupt "
+               f"samples, {len(r.bad_shards)} unreadable shards, {r.substituted} substituted samples")
+        if mine is not None:
+            msg += (f"; host memory: rank {mine}, loader workers "
+                    + (", ".join(f"pid {pid} {c / 2**20:.0f} MiB" for pid, c in sorted(r.workers.items())) or "none")
+                    + " committed")
         if r.corrupt or r.bad_shards or r.substituted:
             log.warning("%s; unreadable: %s", msg, ", ".join(r.bad_shards) or "none")
         else:
             log.info(msg)
+        reports = os.environ.get(REPORTS_ENV)
+        if reports:  # every rank's reports (the log shows rank 0's): one JSON line per epoch
+            path = os.path.join(reports, f"{self.name.replace('/', '_')}-rank{self.rank}.jsonl")
+            os.makedirs(reports, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(self.last_report) + "\n")

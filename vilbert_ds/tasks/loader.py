@@ -1,8 +1,9 @@
 """Task loaders on the data area's streaming reader.
 
 - Training: `build_task_loader` = the data area's `StreamingLoader` (same epoch plan, rank split,
-  shuffle windows, worker layout and exact resume as pretraining) with the family's
-  preprocess + collate as its batch function (`TaskBatchMaker`).
+  worker layout and exact resume as pretraining) in uniform order (each epoch a uniformly random
+  order of the split, as the original's RandomSampler, however the shards group it) with the
+  family's preprocess + collate as its batch function (`TaskBatchMaker`).
 - Evaluation: `EvalLoader` covers *every* sample of a split: rank r reads the contiguous slice
   [r*S, (r+1)*S) of the set (S = ceil(N / world_size)) and pads its last batches by repeating
   samples of its own slice, so every rank runs the same number of batches (no rank waits in a
@@ -74,7 +75,7 @@ def build_task_loader(family: TaskFamily, split: str, data: DataConfig, *, rank:
     return StreamingLoader([Source(manifest)], rank=rank, world_size=world_size, micro_batch_size=micro_batch_size,
                            seed=seed, make_batch=TaskBatchMaker(family, seed), num_workers=data.num_workers,
                            prefetch_factor=data.prefetch_factor, shuffle=data.shuffle and shuffle,
-                           shuffle_bytes=data.shuffle_bytes, read=read_options(data, [manifest]),
+                           shuffle_buffer=None, read=read_options(data, [manifest]),
                            name=f"{family.name}/{split}")
 
 
