@@ -33,6 +33,7 @@ import bisect
 import concurrent.futures as cf
 import hashlib
 import logging
+import signal
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -247,6 +248,18 @@ class EpochPlan:
         j = bisect.bisect_right(self.starts, index) - 1
         seg = self.segments[j]
         return j, seg.start + index - self.starts[j]
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the worker ignores SIGTERM.
+
+    A scheduler's SIGTERM (a time limit, a preemption without warning) reaches every process of
+    a rank, its loader workers included. torch's worker handler ends a worker on a SIGTERM that
+    does not come from its parent, and the rank then fails with "DataLoader worker ... killed by
+    signal: Terminated" before it can save. The rank decides when to stop
+    (`preemption.StopSignal`, at the next step boundary); its workers end with its loader (the
+    loader's done event, or their parent's exit)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,7 +776,8 @@ class StreamingLoader:
             leases = _Leases(spec.released)
             loader = DataLoader(EpochDataset(spec), batch_size=None, num_workers=self.num_workers,
                                 prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
-                                persistent_workers=False, multiprocessing_context="fork")
+                                persistent_workers=False, multiprocessing_context="fork",
+                                worker_init_fn=ignore_sigterm)
         else:
             loader = EpochDataset(spec)
         self._slots = rr.rotated()
