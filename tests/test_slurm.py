@@ -1,8 +1,13 @@
 """The repository's own sbatch scripts, unchanged, on a real two-node SLURM cluster
 (tests/fixtures/slurm.py): a job array builds shards; a 2-node ZeRO-2 pretraining job gets its
-warning signal, saves, requeues itself and resumes; then its node crashes, SLURM requeues it
-(--requeue) and it resumes from its last checkpoint; it finishes with every step and every
-sample exactly once. (One job for both stories: each SLURM run costs a full start-up.)"""
+warning signal (SIGUSR1), saves, requeues itself and resumes; then its node crashes, SLURM
+requeues it (--requeue) and it resumes from its last checkpoint; then it is preempted without a
+warning (SIGTERM), saves, requeues itself and resumes; it finishes with every step once and every
+sample once per epoch. (One job for all three stories: each SLURM run costs a full start-up.)
+
+Event-driven: each signal or crash comes once the run logged the step the test waits for, and
+every assertion holds whatever step it lands on (the job is 2 epochs long, so a signal cannot
+arrive after its end on a fast machine); time limits only end a test that would otherwise hang."""
 from __future__ import annotations
 
 import json
@@ -15,9 +20,10 @@ import pytest
 from fixtures.slurm import read_metrics
 from vilbert_ds.trainer import read_sample_log
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(480)]  # hard bound per test
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]  # hard bound per test
 
 REPO = Path(__file__).resolve().parents[1]
+TOTAL = 48  # steps of the pretraining job: 2 epochs of 24 (192 samples, 2 ranks x micro 4), checkpoints every 8
 
 
 def _job_env(inputs) -> dict[str, str]:
@@ -44,14 +50,27 @@ def _job_log(directory: Path, job_id: str) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(directory.glob(f"*-{job_id}*.out")))
 
 
-def _assert_every_sample_once(run_dir: Path, steps: int, inputs) -> None:
+def _assert_every_sample_once_per_epoch(run_dir: Path, steps: int, inputs) -> None:
     log = read_sample_log(run_dir)  # a step logged twice keeps the resumed run's keys
     assert sorted(log) == [0, 1]
     for rank, by_step in log.items():
         assert sorted(by_step) == list(range(1, steps + 1)), f"rank {rank}: steps {sorted(by_step)}"
-    keys = [k for by_step in log.values() for ks in by_step.values() for k in ks]
-    assert len(keys) == steps * 2 * inputs.micro == inputs.num_samples  # one epoch exactly
-    assert len(set(keys)) == len(keys), "a sample was repeated"
+    per_epoch = inputs.num_samples // (2 * inputs.micro)
+    for epoch in range(steps // per_epoch):
+        keys = [k for by_step in log.values() for s in range(epoch * per_epoch + 1, (epoch + 1) * per_epoch + 1)
+                for k in by_step[s]]
+        assert len(keys) == inputs.num_samples, epoch
+        assert len(set(keys)) == len(keys), f"a sample was repeated in epoch {epoch}"
+
+
+def _until(predicate, slurm, job: str, timeout_s: float, what: str, directory: Path) -> None:
+    """Wait for `predicate()`; fails naming `what` when the job left the running states."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}:\n{_job_log(directory, job)[-4000:]}"
+        assert slurm.job(job).get("JobState") in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING"), \
+            f"{what}: {slurm.job(job)}\n{_job_log(directory, job)[-4000:]}"
+        time.sleep(0.3)
 
 
 def test_job_array_builds_the_same_shards_as_one_process(slurm, launch_inputs, tmp_path):
@@ -73,55 +92,73 @@ def test_job_array_builds_the_same_shards_as_one_process(slurm, launch_inputs, t
     assert cli(["shards", "verify", str(out / "manifest.json")]) == 0
 
 
-def test_two_node_zero2_job_survives_its_warning_signal_and_a_node_crash(slurm, launch_inputs, tmp_path):
-    """One 2-node ZeRO-2 pretraining job, three runs: (0) gets its warning signal, every rank
-    stops at the same step, saves, rank 0 requeues; (1) resumes right after that step, then its
-    batch node crashes (slurmd, slurmstepd and the rank, all SIGKILLed); SLURM notices, requeues
-    it (--requeue) and the node comes back; (2) resumes from the last complete checkpoint
-    (step 16) and finishes. Every step and every sample exactly once."""
+def test_two_node_zero2_job_survives_its_warning_signal_a_node_crash_and_a_preemption(slurm, launch_inputs, tmp_path):
+    """One 2-node ZeRO-2 pretraining job, four runs: (0) gets its warning signal (SIGUSR1),
+    every rank stops at the same step, saves, rank 0 requeues; (1) resumes right after that step,
+    then once a checkpoint of its own is complete its batch node crashes (slurmd, slurmstepd and
+    the rank, all SIGKILLed); SLURM notices, requeues it (--requeue) and the node comes back;
+    (2) resumes from the last complete checkpoint, then is preempted without a warning
+    (`scancel --signal=TERM`): every rank stops at the same step, saves, rank 0 requeues; (3)
+    resumes right after that step and finishes. Every step once, every sample once per epoch."""
     run_dir = tmp_path / "run"
     job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--job-name=pretrain",
-                        str(REPO / "slurm" / "train.sbatch"), *launch_inputs.overrides(run_dir)],
+                        str(REPO / "slurm" / "train.sbatch"),
+                        # a loader worker per rank: SLURM's SIGTERM reaches it too (it must not end the rank)
+                        *launch_inputs.overrides(run_dir, **{"train.total_steps": TOTAL, "data.num_workers": 1})],
                        env=_job_env(launch_inputs), cwd=tmp_path)
     _wait_for_step(slurm, job, run_dir, 3)
     # the warning SLURM sends before the time limit (--signal=USR1@N), delivered now
     slurm.run(["scancel", "--signal=USR1", job])
 
-    def resumed_past(step: int) -> bool:
-        rows = read_metrics(run_dir)
-        return any(r["run/restart_count"] == 1 and s >= step for s, r in rows.items())
+    def run_reached(restart: int, step: int) -> bool:
+        return any(r["run/restart_count"] == restart and s >= step for s, r in read_metrics(run_dir).items())
 
-    deadline = time.monotonic() + 180
-    while not resumed_past(17):  # step 17 logged: the step-16 checkpoint is complete
-        assert time.monotonic() < deadline, f"no resumed run past step 17:\n{_job_log(tmp_path, job)[-4000:]}"
-        assert slurm.job(job).get("JobState") in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING")
-        time.sleep(0.3)
+    def last_step(restart: int) -> int:
+        return max((s for s, r in read_metrics(run_dir).items() if r["run/restart_count"] == restart), default=0)
+
+    _until(lambda: run_reached(1, 1), slurm, job, 180, "no resumed run after SIGUSR1", tmp_path)
+    stop0 = last_step(0)
+    # run 1: past its first checkpoint of its own (the next multiple of 8 after the stop, + 1)
+    ckpt1 = (stop0 // 8 + 1) * 8
+    _until(lambda: run_reached(1, ckpt1 + 1), slurm, job, 180, f"run 1 never passed step {ckpt1 + 1}", tmp_path)
     record = slurm.job(job)
     assert record["Restarts"] == "1" and record["NodeList"] == "n[1-2]", record
     batch_node = record["BatchHost"]
     killed = slurm.crash_node(batch_node)  # the node dies with the batch script, srun and rank 0
     assert len(killed) >= 3
+    crashed_at = last_step(1)
     deadline = time.monotonic() + 90
     while slurm.job(job).get("Restarts") != "2":
         assert time.monotonic() < deadline, f"not requeued after the node crash: {slurm.job(job)}\n{slurm.debug_tail()}"
         time.sleep(0.5)
     slurm.start_node(batch_node)  # the node reboots; ReturnToService=2 takes it back
-    record = slurm.wait_job(job, timeout_s=240)[0]
+    # run 2: two steps past the checkpoint it resumed from, then preempted without a warning
+    _until(lambda: run_reached(2, 1), slurm, job, 240, "no run after the node crash", tmp_path)
+    resumed2 = min(s for s, r in read_metrics(run_dir).items() if r["run/restart_count"] == 2) - 1
+    _until(lambda: run_reached(2, resumed2 + 2), slurm, job, 180, f"run 2 never reached {resumed2 + 2}", tmp_path)
+    slurm.run(["scancel", "--signal=TERM", job])
+    _until(lambda: run_reached(3, 1), slurm, job, 240, "no resumed run after SIGTERM", tmp_path)
+    record = slurm.wait_job(job, timeout_s=300)[0]
     log = _job_log(tmp_path, job)
-    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "2", f"{record}\n{log[-4000:]}"
-    for restart in (0, 1, 2):
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "3", f"{record}\n{log[-4000:]}"
+    for restart in (0, 1, 2, 3):
         assert f"restart {restart}, 2 tasks on n[1-2]" in log, log[-4000:]
     assert "2 ranks (slurm)" in log and "ZeRO-2" in log
 
     rows = read_metrics(run_dir)  # a step logged twice keeps the later run's row
-    assert sorted(rows) == list(range(1, 25)), sorted(rows)
-    by_run = {n: [s for s, r in rows.items() if r["run/restart_count"] == n] for n in (0, 1, 2)}
-    stop = max(by_run[0])
-    assert 3 <= stop < 16 and by_run[0] == list(range(1, stop + 1))
-    assert f"saving at step {stop}" in log
-    assert by_run[1] == list(range(stop + 1, 17)), "run 1 continues right after the stop step"
-    assert by_run[2] == list(range(17, 25)), "run 2 resumes from the step-16 checkpoint"
-    _assert_every_sample_once(run_dir, 24, launch_inputs)
+    assert sorted(rows) == list(range(1, TOTAL + 1)), sorted(rows)
+    by_run = {n: [s for s, r in rows.items() if r["run/restart_count"] == n] for n in (0, 1, 2, 3)}
+    assert 3 <= stop0 < TOTAL and by_run[0] == list(range(1, stop0 + 1))
+    assert f"saving at step {stop0}" in log
+    assert by_run[1] and by_run[1][0] == stop0 + 1, "run 1 continues right after the SIGUSR1 stop"
+    # run 2 resumed from run 1's newest checkpoint complete at the crash, a multiple of 8
+    assert resumed2 % 8 == 0 and ckpt1 <= resumed2 <= crashed_at, (resumed2, ckpt1, crashed_at)
+    assert by_run[1] == list(range(stop0 + 1, resumed2 + 1))  # run 1's steps after it were redone
+    stop2 = max(by_run[2])
+    assert resumed2 + 2 <= stop2 < TOTAL and by_run[2] == list(range(resumed2 + 1, stop2 + 1))
+    assert f"saving at step {stop2}" in log and "SIGTERM" in log
+    assert by_run[3] == list(range(stop2 + 1, TOTAL + 1)), "run 3 continues right after the SIGTERM stop"
+    _assert_every_sample_once_per_epoch(run_dir, TOTAL, launch_inputs)
 
 
 def test_two_node_job_crosses_many_epoch_boundaries_with_loader_workers(slurm, launch_inputs, tmp_path):

@@ -2,14 +2,19 @@
 synthetic shards of tests/fixtures/data.py read by the real streaming loader.
 
 Launches are shared between tests (module fixtures) to stay within the time budget:
-  A  2 ranks ZeRO-1, stops at step 4 of 8      -> export; resumed on 1 rank (universal) to 8
+  A  2 ranks ZeRO-1, stops at step 4 of 8      -> export (again: refused, then --force); resumed
+                                                  on 1 rank (universal) to 8: same epoch, same
+                                                  share of it consumed (the data position)
   B  2 ranks ZeRO-3, stops at step 4 of 8      -> export equals A's; ZeRO-3 -> 1 resume refused
-  F  2 ranks ZeRO-2, SIGUSR1 to rank 1 only    } the sample keys per (rank, update) equal the
-  G  resume F with --resume auto               } loader's uninterrupted order; F exits 75
+  F  2 ranks ZeRO-2, SIGUSR1 to rank 1 only    } exit 75 after a complete checkpoint each time;
+  G  resume F; SIGTERM to every process of     } the sample keys per (rank, update) equal the
+     both ranks (a time limit, a preemption)   } loader's uninterrupted order: nothing skipped
+  G2 resume G to the end                       } or repeated across the two stops
   H  1 rank ZeRO-2, 24 steps, uninterrupted    } parameters bitwise equal (J vs H)
   I  1 rank, SIGKILL after its first checkpoint}
   J  resume I with --resume auto               }
-Every launch runs under a hard timeout that kills its process group.
+Every launch runs under a hard timeout that kills its process group. Signals are sent once the
+run logged the step the test waits for, and every assertion holds whatever step they land on.
 """
 from __future__ import annotations
 
@@ -21,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.training import (model_state, rank_pids, real_data_section, run_training, start_training, wait_for,
-                               write_ds_config, write_train_config)
+from fixtures.training import (model_state, rank_pids, real_data_section, run_training, start_training,
+                               start_training_until, wait_for, write_ds_config, write_train_config)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -68,7 +73,7 @@ def stage_runs(workdir):
         name = f"zero{stage}"
         # train_batch_size fixed, accumulation derived: 2 ranks x 2 x 1, or 1 rank x 2 x 2
         ds = write_ds_config(root / f"{name}.json", stage=stage, micro=2, accumulation=None, train_batch_size=4)
-        cfg = config(name, total=8, stop_at_step=4, save_every=4)
+        cfg = config(name, total=8, stop_at_step=4, save_every=4, log_samples=True)
         out = run_training(2, _args(cfg, ds), entry=PRETRAIN, timeout=LAUNCH_TIMEOUT, log_path=root / f"{name}.log")
         runs[stage] = (cfg, ds, root / name, out.stdout)
     return runs
@@ -93,7 +98,7 @@ def test_two_rank_zero_runs_train_and_checkpoint(stage_runs, stage):
     assert any(r.get("ckpt/save_s", 0) > 0 for r in read_metrics(run))
 
 
-def test_fp32_export_loads_into_a_plain_model_with_the_same_outputs(stage_runs, tmp_path, python, repo_root):
+def test_fp32_export_loads_into_a_plain_model_with_the_same_outputs(stage_runs, tmp_path, python, repo_root, capfd):
     import subprocess
 
     from vilbert_ds import load_model
@@ -106,6 +111,21 @@ def test_fp32_export_loads_into_a_plain_model_with_the_same_outputs(stage_runs, 
                           timeout=120, cwd=repo_root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     exported[1] = load_model(out1).eval()
+    # a second export into the same directory is refused in one line; --force replaces the model
+    # (and a label map the previous model left there: this run has none)
+    from vilbert_ds.cli import main as cli
+
+    (out1 / "label_maps.json").write_text("{}")
+    before = (out1 / "model.safetensors").stat().st_ino
+    capfd.readouterr()
+    assert cli(["export", str(stage_runs[1][2]), "--out", str(out1)]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists; pass --force" in err[0], err
+    assert (out1 / "model.safetensors").stat().st_ino == before
+    assert cli(["export", str(stage_runs[1][2]), "--out", str(out1), "--force"]) == 0
+    assert (out1 / "model.safetensors").stat().st_ino != before and not (out1 / "label_maps.json").exists()
+    assert all(torch.equal(a, b) for a, b in zip(load_model(out1).state_dict().values(),
+                                                   exported[1].state_dict().values()))
     exported[3] = load_model(export_fp32(stage_runs[3][2], tmp_path / "export3")).eval()
     # the export is the checkpoint's fp32 weights, exactly
     state = {k[len("model."):]: v for k, v in model_state(stage_runs[3][2]).items()}
@@ -153,6 +173,26 @@ def test_resume_on_one_rank_from_two_through_a_universal_checkpoint(stage_runs, 
     assert 0 < dist(after, before) < 0.6 * dist(before, init)
     rows = _metrics(run)
     assert [r["step"] for r in rows][-4:] == [5, 6, 7, 8]
+    # the data position: the same epoch, the same share of it consumed. Steps 1-4 took 4 of each
+    # rank's 12 batches of 2 (16 of the epoch's 48 samples); on 1 rank (24 batches of 2, 2 per
+    # update) the run continues at batch 8 of the 1-rank order of epoch 0: steps 5-8 are its
+    # batches 8..15, exactly
+    assert {r["run/epoch"] for r in rows} == {0}
+    from vilbert_ds.trainer import read_sample_log
+
+    log = read_sample_log(run)
+    order = _loader_order(cfg, world=1, micro=2, steps=24)[0]  # per batch
+    for step in (5, 6, 7, 8):
+        first = 8 + 2 * (step - 5)
+        assert log[0][step] == order[first + 1] + order[first + 2], step
+    # what the policy promises beyond the position (README "Another number of ranks"): the rest
+    # of the epoch is the 1-rank order's batches 8..23, so a sample the 2 ranks consumed may come
+    # again in it, once, and as many of the epoch's samples are left out of it
+    before = {k for r in (0, 1) for s in (1, 2, 3, 4) for k in log[r][s]}
+    rest = [k for b in range(9, 25) for k in order[b]]
+    epoch = {k for keys in order.values() for k in keys}
+    assert len(before) == 16 and len(set(rest)) == len(rest) == 32 and len(epoch) == 48
+    assert before <= epoch and len(before & set(rest)) == len(epoch - before - set(rest))
 
 
 def test_changing_zero_stage_between_1_2_and_3_on_resume_is_refused(stage_runs, workdir):
@@ -186,44 +226,102 @@ def _loader_order(cfg_path: Path, *, world: int, micro: int, steps: int) -> dict
     return order
 
 
-def test_two_rank_preempted_and_resumed_run_sees_the_same_samples(workdir):
-    from vilbert_ds.trainer import read_sample_log
+def _last_step(run: Path) -> int:
+    """The newest step in rank 0's sample log (0 before the first)."""
+    path = run / "samples" / "rank00000.jsonl"
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip().endswith("}")] \
+        if path.exists() else []
+    return max(steps, default=0)
 
-    root, config = workdir
-    ds = write_ds_config(root / "zero2.json", stage=2, micro=2, accumulation=1)
-    cut = config("zero2_cut", total=24, save_every=8, log_samples=True)
-    run = root / "zero2_cut"
-    proc = start_training(2, _args(cut, ds), entry=PRETRAIN)
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (the ranks and their data-loader workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _stop_with(proc, send) -> str:
+    """Send the signal(s), wait for the launch to end; its output."""
     try:
-        samples = run / "samples" / "rank00000.jsonl"
-        wait_for(lambda: samples.exists() and len(samples.read_text().splitlines()) >= 3, LAUNCH_TIMEOUT, proc)
-        pids = rank_pids(proc.pid)
-        assert set(pids) == {0, 1}, pids
-        os.kill(pids[1], signal.SIGUSR1)  # one rank only: the ranks must agree through the all-reduce
+        send()
         out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+    return out
+
+
+def test_two_rank_run_stopped_by_sigusr1_then_sigterm_sees_every_sample_once(workdir):
+    """F: SIGUSR1 to rank 1 only (the ranks agree through the all-reduce); G: the resumed run
+    gets SIGTERM on every process of both ranks, data-loader workers included (what a time limit
+    or a preemption without warning sends); each time all ranks stop after the same update, save
+    a complete checkpoint and exit 75. G2 finishes: every update's samples are the
+    uninterrupted order's, every sample once per epoch (3 epochs)."""
+    from vilbert_ds.checkpoint import verify_complete
+    from vilbert_ds.trainer import read_sample_log
+
+    root, config = workdir
+    total = 36  # 3 epochs of 12 updates: room for two stops, whichever step each lands on
+    ds = write_ds_config(root / "zero2.json", stage=2, micro=2, accumulation=1)
+    cut = config("zero2_cut", total=total, save_every=8, log_samples=True)
+    run = root / "zero2_cut"
+
+    def stopped(out: str, after: int, what: str) -> int:
+        step = _meta(run)["step"]
+        assert after <= step < total, f"{what}: stopped at {step}\n{out[-3000:]}"
+        verify_complete(run / "checkpoints" / f"step{step:08d}")  # every file of every rank, whole
+        log = read_sample_log(run)
+        assert max(log[0]) == max(log[1]) == step, what  # both ranks stopped after the same update
+        return step
+
+    proc = start_training_until(2, _args(cut, ds), lambda: _last_step(run) >= 3, timeout=LAUNCH_TIMEOUT, entry=PRETRAIN)
+    out = _stop_with(proc, lambda: os.kill(rank_pids(proc.pid)[1], signal.SIGUSR1))  # one rank only
     (root / "F.log").write_text(out)
     assert proc.returncode == 75, out[-4000:]
-    stopped = _meta(run)["step"]
-    assert 3 <= stopped < 24, out[-3000:]
-    cut_log = read_sample_log(run)
-    assert max(cut_log[0]) == max(cut_log[1]) == stopped  # both ranks stopped after the same update
+    first = stopped(out, 3, "SIGUSR1")
 
-    run_training(2, _args(cut, ds, "--resume", "auto"), entry=PRETRAIN, timeout=LAUNCH_TIMEOUT, log_path=root / "G.log")
-    assert _meta(run)["step"] == 24
-    expected, resumed = _loader_order(cut, world=2, micro=2, steps=24), read_sample_log(run)
+    proc = start_training_until(2, _args(cut, ds, "--resume", "auto"), lambda: _last_step(run) >= first + 2,
+                                timeout=LAUNCH_TIMEOUT, entry=PRETRAIN)
+
+    def terminate_everything():
+        pids = rank_pids(proc.pid)
+        assert set(pids) == {0, 1}, pids
+        for pid in {p for rank in pids.values() for p in (rank, *_descendants(rank))}:
+            os.kill(pid, signal.SIGTERM)
+
+    out = _stop_with(proc, terminate_everything)
+    (root / "G.log").write_text(out)
+    assert proc.returncode == 75, out[-4000:]
+    assert f"at step {first}" in out and "SIGTERM" in out, out[-3000:]
+    second = stopped(out, first + 2, "SIGTERM")
+
+    out = run_training(2, _args(cut, ds, "--resume", "auto"), entry=PRETRAIN, timeout=LAUNCH_TIMEOUT,
+                       log_path=root / "G2.log").stdout
+    assert f"at step {second}" in out
+    assert _meta(run)["step"] == total
+    expected, resumed = _loader_order(cut, world=2, micro=2, steps=total), read_sample_log(run)
     assert set(resumed) == {0, 1}
     for rank in (0, 1):
-        assert sorted(resumed[rank]) == list(range(1, 25))
-        assert resumed[rank] == expected[rank]  # per update, the same sample keys as without the stop
-    seen = sorted(k for r in resumed.values() for keys in r.values() for k in keys)
-    assert seen == sorted(k for r in expected.values() for keys in r.values() for k in keys)
-    assert len(seen) == 24 * 2 * 2
+        assert sorted(resumed[rank]) == list(range(1, total + 1))
+        assert resumed[rank] == expected[rank]  # per update, the same sample keys as without the stops
+    for epoch in range(3):  # 12 updates x 2 ranks x 2 samples = the 48 samples, each once
+        keys = [k for r in (0, 1) for s in range(12 * epoch + 1, 12 * epoch + 13) for k in resumed[r][s]]
+        assert len(keys) == len(set(keys)) == 48, epoch
     rows = _metrics(run)
-    assert rows[-1]["run/samples_seen"] == 96
+    assert rows[-1]["run/samples_seen"] == total * 4
 
 
 # =============================================================== H, I, J: kill, 1 rank

@@ -1,12 +1,13 @@
 """Evaluate a checkpoint on a task: `vilbert-ds eval --task vqa --ckpt runs/multitask [--split minval]`.
 
 Distributed like training (`torchrun --nproc_per_node N -m vilbert_ds.evaluate ...`, `srun`,
-the deepspeed launcher): each rank scores a contiguous slice of the split, the per-example
-records are gathered and merged by example id (the repeats that pad the last batches count
-once), and rank 0 writes `<out>/<task>_<split>_metrics.json` and
+`deepspeed --module vilbert_ds.evaluate ...`): each rank scores a contiguous slice of the split,
+the per-example records are gathered and merged by example id (the repeats that pad the last
+batches count once), and rank 0 writes `<out>/<task>_<split>_metrics.json` and
 `<out>/<task>_<split>_predictions.json` in the public evaluation server's format (VQA
 `[{"question_id", "answer"}]`, GQA `[{"questionId", "prediction"}]`, ...). Test splits without
 labels give predictions only. No DeepSpeed engine is needed: the weights are read consolidated.
+Rank 0 shows its batches on a progress bar on stderr when stderr is a terminal.
 
 `--ckpt`: a vilbert-ds model directory (config.json + model.safetensors), an original checkpoint
 file, or a run directory / checkpoints directory / checkpoint tag directory of a training run
@@ -64,9 +65,10 @@ def _evaluate(args: argparse.Namespace, env: DistEnv, cfg) -> dict[str, float | 
                         micro_batch_size=batch)
     start = time.perf_counter()
     device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    evaluation = Evaluation({cfg.name: family}, {cfg.name: loader}, device)
-    result, metric = evaluation.run(model.to(device), cfg.name, standard=True, zero_shot=args.zero_shot,
-                                    protocol=getattr(args, "protocol", "full"))
+    with progress_bar(len(loader), f"eval {cfg.name} {split}", env.is_main) as bar:
+        evaluation = Evaluation({cfg.name: family}, {cfg.name: Counted(loader, bar)}, device)
+        result, metric = evaluation.run(model.to(device), cfg.name, standard=True, zero_shot=args.zero_shot,
+                                        protocol=getattr(args, "protocol", "full"))
     result = {**result, "seconds": round(time.perf_counter() - start, 2), "split_samples": float(loader.total)}
     if label_map is not None:
         result["label_map"] = label_map
@@ -77,6 +79,33 @@ def _evaluate(args: argparse.Namespace, env: DistEnv, cfg) -> dict[str, float | 
         print(f"{cfg.name} {split}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
                                                   for k, v in result.items()) + f" -> {args.out}", flush=True)
     return result
+
+
+def progress_bar(batches: int, desc: str, is_main: bool):
+    """This rank's batches on a bar: rank 0 only, on stderr, and only when stderr is a terminal
+    (tqdm's disable=None), so logs and pipes get no control characters."""
+    from tqdm import tqdm
+
+    return tqdm(total=batches, desc=desc, unit="batch", file=sys.stderr, disable=None if is_main else True,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+class Counted:
+    """A loader whose batches move `bar` as they are consumed; everything else is the loader's."""
+
+    def __init__(self, loader, bar):
+        self.loader, self.bar = loader, bar
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch
+            self.bar.update(1)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=("full", "paper"), default="full",
                         help="retrieval: full = the whole split, both directions; paper = the published numbers' "
                              "protocol (text->image on the 1k test images: COCO set 0, Flickr30k)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
 def main(args: argparse.Namespace) -> int:
@@ -113,9 +143,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vilbert_ds.evaluate", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
+    """`python -m vilbert_ds.evaluate ...`: parsed as `vilbert-ds eval ...` is."""
+    from .cli import run
+
+    return run("eval", sys.argv[1:] if argv is None else list(argv), prog="python -m vilbert_ds.evaluate")
 
 
 if __name__ == "__main__":

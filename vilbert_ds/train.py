@@ -299,14 +299,16 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str = "pretrain") -> No
         parser.add_argument("--from", dest="init_from", required=True, metavar="CKPT",
                             help="model directory, original checkpoint, or run / checkpoint directory to start from")
     presets = {"pretrain": "pretrain_cc, demo", "multitask": "multitask_12in1", "finetune": "multitask_12in1"}[kind]
+    built_in = "" if kind == "pretrain" else f" (default: the built-in {kind} defaults, vilbert_ds/config.py)"
     parser.add_argument("--config", required=kind == "pretrain", default=None,
-                        help=f"training YAML or a packaged preset ({presets})")
+                        help=f"training YAML or a packaged preset ({presets}){built_in}")
     parser.add_argument("--deepspeed", required=True, metavar="JSON", help="DeepSpeed config, e.g. ds_configs/zero2.json")
     parser.add_argument("--resume", default="none",
                         help="none (fresh; refused if the run has checkpoints) | auto (newest complete checkpoint) | PATH")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="config overrides (YAML values); ds.<key>=<value> overrides the DeepSpeed config")
+                        help="config overrides (YAML values), anywhere on the line; ds.<key>=<value> overrides the "
+                             "DeepSpeed config")
 
 
 def main(args: argparse.Namespace, kind: str = "pretrain", loader_factory=None) -> int:
@@ -321,9 +323,10 @@ def main(args: argparse.Namespace, kind: str = "pretrain", loader_factory=None) 
 
 
 def cli(argv: list[str] | None = None, kind: str = "pretrain") -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m vilbert_ds.{kind}", description=f"vilbert-ds {kind}")
-    add_arguments(parser, kind)
-    return main(parser.parse_args(argv), kind)
+    """`python -m vilbert_ds.<kind> ...`: parsed as `vilbert-ds <kind> ...` is (overrides anywhere)."""
+    from .cli import run
+
+    return run(kind, sys.argv[1:] if argv is None else list(argv), prog=f"python -m vilbert_ds.{kind}")
 
 
 def preset(kind: str):

@@ -30,10 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="CONFIG_OR_DIR",
                         help=f"preset ({', '.join(PRESETS)}), original-format JSON, vilbert-ds model directory, "
                              "or an original checkpoint file")
-    parser.add_argument("--config", help="config (JSON or preset) for a checkpoint file (default base_6layer_6conect)")
+    parser.add_argument("--config", help="config (JSON or preset) for a checkpoint file (default: base_6layer_6conect)")
     parser.add_argument("--task-tokens", action="store_true", help="describe the config with 12-in-1 task tokens")
-    parser.add_argument("--text-len", type=int, default=36, help="text tokens per sample for the FLOP count (36)")
-    parser.add_argument("--regions", type=int, default=37, help="regions per sample incl. the global one (37)")
+    parser.add_argument("--text-len", type=int, default=36, help="text tokens per sample for the FLOP count")
+    parser.add_argument("--regions", type=int, default=37, help="regions per sample incl. the global one")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 

@@ -51,6 +51,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
@@ -268,6 +269,18 @@ class EpochPlan:
         j = bisect.bisect_right(self.starts, index) - 1
         seg = self.segments[j]
         return j, seg.start + index - self.starts[j]
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the worker ignores SIGTERM.
+
+    A scheduler's SIGTERM (a time limit, a preemption without warning) reaches every process of
+    a rank, its loader workers included. torch's worker handler ends a worker on a SIGTERM that
+    does not come from its parent, and the rank then fails with "DataLoader worker ... killed by
+    signal: Terminated" before it can save. The rank decides when to stop
+    (`preemption.StopSignal`, at the next step boundary); its workers end with its loader (the
+    loader's done event, or their parent's exit)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -940,7 +953,8 @@ class StreamingLoader:
             self._dataloader = DataLoader(StreamDataset(self._spec(released=released, control=self._control)),
                                           batch_size=None, num_workers=self.num_workers,
                                           prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
-                                          persistent_workers=True, multiprocessing_context="fork")
+                                          persistent_workers=True, multiprocessing_context="fork",
+                                          worker_init_fn=ignore_sigterm)
         self._control.write(self.epoch, blocks)
         return self._dataloader
 

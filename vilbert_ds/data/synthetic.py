@@ -215,12 +215,12 @@ WRITERS = {"tsv": write_tsv, "cc-lmdb": write_cc_lmdb, "lmdb-pickle": write_pick
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", default="tsv", choices=sorted(WRITERS), help="input format to write")
-    p.add_argument("--images", type=int, default=64)
-    p.add_argument("--classes", type=int, default=8)
+    p.add_argument("--images", type=int, default=64, help="images (one caption each)")
+    p.add_argument("--classes", type=int, default=8, help="object classes of the synthetic world")
     p.add_argument("--boxes", type=int, default=36, help="regions per image (max when --min-boxes is set)")
-    p.add_argument("--min-boxes", type=int, default=None)
+    p.add_argument("--min-boxes", type=int, default=None, help="vary regions per image from this to --boxes")
     p.add_argument("--files", type=int, default=1, help="number of TSV files to split into")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same files)")
 
 
 def main(args: argparse.Namespace) -> int:
