@@ -86,6 +86,7 @@ class SamplerConfig:
             raise ValueError(f"sampler.loss_scale={self.loss_scale!r}: choose 'lr_ratio' or 'none'")
 
 
+SCHEDULE_KINDS = ("warmup_linear", "mannul", "cosine")  # the original's --lr_scheduler names (engine.LRSchedule)
 KINDS = ("pretrain", "multitask", "finetune")
 SECTIONS = ("data", "model", "optim", "train", "metrics", "tasks")
 _TASK_UNUSED = ("data.train", "data.val", "data.caption_pool", "data.resampled", "data.epoch_samples",
@@ -100,8 +101,8 @@ KIND_DEFAULTS = {
     "pretrain": [],
     "multitask": ["data.num_workers=1", "train.output_dir=runs/multitask",
                   "train.epochs=20", "train.seed=0"],
-    "finetune": ["data.num_workers=1", "train.epochs=20", "train.seed=0",
-                 "tasks.sampler.stop_and_go.enabled=false"],
+    # fine-tuning is the original's train_tasks.py with one task: its stop-and-go stays on
+    "finetune": ["data.num_workers=1", "train.epochs=20", "train.seed=0"],
 }
 
 
@@ -124,27 +125,44 @@ class ModelSection:
     # checkpoint directory (exported once to run_dir/init_model)
     init_from: str = ""
     task_heads: bool = False  # pretraining model = the original BertForMultiModalPreTraining (no vil_* heads)
+    # The original's --freeze N: the text embeddings and text layers 0..N get no gradient and no
+    # optimizer state; -1 = nothing frozen. The released scripts never applied it (their name
+    # match missed, as for the 0.1x BERT lr), so -1 is also what any --freeze N did there. README.
+    freeze: int = -1
 
     def __post_init__(self) -> None:
         if self.init_text_from and self.init_from:
             raise ConfigError("model.init_text_from and model.init_from are exclusive: init_from sets every weight")
+        if self.freeze < -1:
+            raise ConfigError(f"model.freeze={self.freeze}: the last frozen text layer (0-based), or -1 for none")
 
 
 @dataclass
 class OptimSection:
-    """What the DeepSpeed `optimizer` section cannot express: per-group lr and the schedule."""
+    """What the DeepSpeed `optimizer` section cannot express: per-group lr and the schedule
+    (`engine.LRSchedule` states each schedule exactly)."""
 
     # lr multiplier of the BERT text stream (embeddings + text layers). The original intended
     # 0.1 but, as released, never applied it (the name match missed the `module.` prefix), so
     # the default reproduces the released behaviour; 0.1 gives the intended one. See README.
     bert_lr_scale: float = 1.0
-    warmup_fraction: float = 0.1  # linear warmup over this share of the updates, then linear decay to 0
+    # the original's --lr_scheduler: warmup_linear (its README's) | mannul (warmup, then x
+    # decay_factor from each of decay_epochs on) | cosine (warmup, then cosine over the run)
+    schedule: str = "warmup_linear"
+    warmup_fraction: float = 0.1  # warmup over this share of the iterations
+    decay_epochs: list[int] = field(default_factory=lambda: [5, 7])  # mannul: 0-based epochs (the original's)
+    decay_factor: float = 0.2  # mannul: lr factor per epoch of decay_epochs reached
 
     def __post_init__(self) -> None:
         if not 0 < self.bert_lr_scale <= 1e3:
             raise ConfigError(f"optim.bert_lr_scale={self.bert_lr_scale}: must be > 0 (1.0 = as released, 0.1 = intended)")
+        if self.schedule not in SCHEDULE_KINDS:
+            raise ConfigError(f"optim.schedule={self.schedule!r}: choose one of {', '.join(SCHEDULE_KINDS)}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(f"optim.warmup_fraction={self.warmup_fraction}: must be in [0, 1)")
+        if any(e < 0 for e in self.decay_epochs) or not 0 < self.decay_factor <= 1:
+            raise ConfigError(f"optim.decay_epochs={self.decay_epochs} must be >= 0 and optim.decay_factor="
+                              f"{self.decay_factor} in (0, 1]")
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
     ds = load_ds_config("ds_configs/zero2.json", overrides=["train_micro_batch_size_per_gpu=8"])
     settings = validate_ds_config(ds, source="ds_configs/zero2.json", world_size=env.world_size)
+    settings = settings.with_lr(2e-5)                           # when the JSON says "lr": "auto"
     engine = build_training_engine(objective, settings, lr_scale=objectives.lr_rule(...))
-    sched = WarmupLinearSchedule(engine.optimizer, total_steps=1000, warmup_steps=100)
+    sched = LRSchedule(engine.optimizer, total_steps=1000, warmup_steps=100)   # or kind="mannul" | "cosine"
     batches = read_batch_sizes(engine)                          # micro, accumulation, global
 
 Batch sizes are read back from the engine (`read_batch_sizes`); nothing divides them by the
@@ -15,6 +16,7 @@ ZeRO treats their gradient as zero.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import logging
@@ -26,6 +28,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+from .config import SCHEDULE_KINDS  # the original's --lr_scheduler names
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ KNOWN_DS_KEYS = {
     "load_universal_checkpoint", "seq_parallel_communication_data_type", "nebula",
 }
 ADAM_TYPES = ("adam", "adamw")
+LR_AUTO = "auto"  # optimizer.params.lr: the base lr of a task run = its tasks' smallest lr (the original's rule)
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
@@ -63,15 +68,22 @@ class DeepSpeedSettings:
     offload_param: str
     activation_checkpointing: bool
     gradient_clipping: float
-    lr: float
+    lr: float | None  # None: the JSON says "auto" (a task run derives it: objectives.base_lr); see with_lr
     betas: tuple[float, float]
     eps: float
     weight_decay: float
     accumulation: int = 1  # gradient_accumulation_steps, as DeepSpeed will derive it for this world size
+    bias_correction: bool = True  # Adam's 1 - beta^t corrections; the 12-in-1 recipe turns them off
 
     @property
     def float_dtype(self) -> torch.dtype:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    def with_lr(self, lr: float) -> "DeepSpeedSettings":
+        """These settings with the base lr set (in the config DeepSpeed receives too)."""
+        config = copy.deepcopy(self.config)
+        config["optimizer"]["params"]["lr"] = float(lr)
+        return dataclasses.replace(self, config=config, lr=float(lr))
 
 
 # ============================================================================ config I/O
@@ -145,8 +157,9 @@ def validate_ds_config(
     the sections vilbert-ds reads); sections that must be objects; batch arithmetic against
     `world_size`; ZeRO stage and offload combinations; one precision only and one the
     accelerator has; an explicit `gradient_clipping`; an Adam/AdamW optimizer section (its
-    lr/betas/eps/weight_decay are the optimiser hyper-parameters); no `scheduler` section (the
-    warmup-linear schedule is stepped by vilbert-ds and saved in the checkpoint).
+    lr/betas/eps/weight_decay are the optimiser hyper-parameters; lr may be "auto", returned as
+    None; `bias_correction`, if given, a bool and not with `torch_adam`); no `scheduler` section
+    (the lr schedule is stepped by vilbert-ds and saved in the checkpoint).
     """
     errors: list[str] = []
 
@@ -250,7 +263,7 @@ def validate_ds_config(
 
     # ---- optimizer: DeepSpeed builds FusedAdam (or CPUAdam under offload) from this section
     opt = config.get("optimizer")
-    lr, betas, eps, wd = 0.0, (0.9, 0.999), 1e-8, 0.0
+    lr, betas, eps, wd, bias_correction = 0.0, (0.9, 0.999), 1e-8, 0.0, True
     if not isinstance(opt, dict):
         err("optimizer", 'required: {"type": "AdamW", "params": {"lr", "betas", "eps", "weight_decay"}}')
     else:
@@ -262,9 +275,19 @@ def validate_ds_config(
             if key not in params:
                 err(f"optimizer.params.{key}", "required (explicit optimiser hyper-parameters)")
         lr, eps, wd = params.get("lr", lr), params.get("eps", eps), params.get("weight_decay", wd)
-        if not _number(lr) or lr <= 0:
-            err("optimizer.params.lr", f"{lr!r} must be a number > 0")
+        if lr == LR_AUTO:
+            lr = None  # a task run derives it from its tasks (train.prepare); pretraining refuses it there
+        elif not _number(lr) or lr <= 0:
+            err("optimizer.params.lr", f"{lr!r} must be a number > 0 (or \"{LR_AUTO}\": the tasks' smallest lr)")
             lr = 0.0
+        bias_correction = params.get("bias_correction", True)
+        if not isinstance(bias_correction, bool):
+            err("optimizer.params.bias_correction", f"{bias_correction!r} must be true or false")
+        if params.get("torch_adam", False) and "bias_correction" in params:
+            # DeepSpeed then builds torch.optim.AdamW, which always corrects the bias and takes no
+            # such argument: the run would die with a TypeError after the process group started.
+            err("optimizer.params.bias_correction", "torch_adam (torch.optim.AdamW) always corrects the bias and "
+                "cannot take bias_correction; remove torch_adam (FusedAdam and DeepSpeedCPUAdam honour it)")
         for key, value in (("eps", eps), ("weight_decay", wd)):
             if not _number(value) or value < 0:
                 err(f"optimizer.params.{key}", f"{value!r} must be a number >= 0")
@@ -285,8 +308,9 @@ def validate_ds_config(
         raise DeepSpeedConfigError(f"DeepSpeed config {source} refused: " + "; ".join(dict.fromkeys(errors)))
     return DeepSpeedSettings(
         config=config, source=source, zero_stage=int(stage), precision=precision, offload_optimizer=off_opt,
-        offload_param=off_par, activation_checkpointing=act, gradient_clipping=float(clip), lr=float(lr),
-        betas=(float(betas[0]), float(betas[1])), eps=float(eps), weight_decay=float(wd), accumulation=accumulation,
+        offload_param=off_par, activation_checkpointing=act, gradient_clipping=float(clip),
+        lr=None if lr is None else float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
+        weight_decay=float(wd), accumulation=accumulation, bias_correction=bool(bias_correction),
     )
 
 
@@ -353,32 +377,61 @@ def param_groups(
 
 
 # ============================================================================= schedule
-class WarmupLinearSchedule:
-    """Linear warmup over `warmup_steps` updates, then linear decay to 0 at `total_steps`.
 
-    Update number u (1-based) trains at base_lr * factor(u), factor(u) = u / warmup for u <
-    warmup, else max(0, (total - u) / (total - warmup)) (pytorch_transformers'
-    WarmupLinearSchedule, which the original steps before each optimizer step). Works on any
-    object with `param_groups` (DeepSpeed's ZeRO/bf16 wrappers are not torch Optimizers).
-    Call `step()` before the update it applies to.
+
+class LRSchedule:
+    """The lr factor of every iteration, applied to each group's base lr; stepped once per
+    iteration by the trainer, before the updates it applies to. Kinds (the original's
+    `--lr_scheduler` values; u = iteration number, 1-based; w = `warmup_steps`; T = `total_steps`):
+
+    - `warmup_linear` (the original README's): u / w for u < w, then (T - u) / (T - w), to 0
+      (pytorch_transformers' WarmupLinearSchedule).
+    - `mannul` (sic; the original's default): warmup to 1 as above (min(u / w, 1), its
+      WarmupConstantSchedule), times `decay_factor` for each of `decay_epochs` (0-based) the
+      iteration's epoch has reached: 0.2 from epoch 5, 0.04 from epoch 7.
+    - `cosine`: warmup as above, then 0.5 (1 + cos(pi (u - 1 - w) / T)) for u > w: the
+      original's CosineAnnealingLR(T_max = T), stepped after each iteration once warmup is over,
+      so it ends at about 0.024 of the base lr, not at 0.
+
+    The original steps its warmup schedule after the first task's update of each iteration, so
+    that task trains one factor behind the others (its first update at lr 0, or at the full lr
+    under mannul/cosine, where two torch schedulers overwrite each other's lr); here every task
+    of an iteration trains at that iteration's factor (docs/TASKS.md, the 12-in-1 recipe table).
+    Works on any object with `param_groups` (DeepSpeed's ZeRO/bf16 wrappers are not torch
+    Optimizers).
     """
 
-    def __init__(self, optimizer, total_steps: int, warmup_steps: int):
+    def __init__(self, optimizer, total_steps: int, warmup_steps: int, *, kind: str = "warmup_linear",
+                 iters_per_epoch: int = 1, decay_epochs: Iterable[int] = (5, 7), decay_factor: float = 0.2):
         if total_steps < 1:
             raise ValueError(f"total_steps={total_steps}: must be >= 1")
         if not 0 <= warmup_steps <= total_steps:
             raise ValueError(f"warmup_steps={warmup_steps}: must be within [0, total_steps={total_steps}]")
+        if kind not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule {kind!r}: choose one of {SCHEDULE_KINDS}")
         self.optimizer = optimizer
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
+        self.kind = kind
+        self.iters_per_epoch = max(1, int(iters_per_epoch))
+        self.decay_epochs = sorted(int(e) for e in decay_epochs)
+        self.decay_factor = float(decay_factor)
         self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
         self.last_step = 0
         self._apply()
 
     def factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return step / max(1, self.warmup_steps)
-        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
+        warm = step / max(1, self.warmup_steps)
+        if self.kind == "warmup_linear":
+            if step < self.warmup_steps:
+                return warm
+            return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))
+        if self.kind == "mannul":
+            epoch = max(0, step - 1) // self.iters_per_epoch  # the epoch iteration `step` belongs to
+            return min(warm, 1.0) * self.decay_factor ** sum(e <= epoch for e in self.decay_epochs)
+        if step <= self.warmup_steps:  # cosine
+            return min(warm, 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * (step - 1 - self.warmup_steps) / self.total_steps))
 
     def _apply(self) -> None:
         f = self.factor(self.last_step)
@@ -394,14 +447,18 @@ class WarmupLinearSchedule:
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "base_lrs": list(self.base_lrs)}
+                "base_lrs": list(self.base_lrs), "kind": self.kind}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["total_steps"] != self.total_steps or state["warmup_steps"] != self.warmup_steps:
-            log.warning("schedule changed on resume: total %s -> %s, warmup %s -> %s (continuing with the new one)",
-                        state["total_steps"], self.total_steps, state["warmup_steps"], self.warmup_steps)
+        before = (state["total_steps"], state["warmup_steps"], state.get("kind", "warmup_linear"))
+        if before != (self.total_steps, self.warmup_steps, self.kind):
+            log.warning("schedule changed on resume: (total, warmup, kind) %s -> %s (continuing with the new one)",
+                        before, (self.total_steps, self.warmup_steps, self.kind))
         self.last_step = int(state["last_step"])
         self._apply()
+
+
+WarmupLinearSchedule = LRSchedule  # the former name: warmup_linear is the default kind
 
 
 def warmup_steps_for(total_steps: int, warmup_fraction: float) -> int:
@@ -495,6 +552,8 @@ def build_training_engine(objective: nn.Module, settings: DeepSpeedSettings, *,
     (`objective.model` is the ViLBert): DeepSpeed activation checkpointing when the config has
     the section, parameter groups by (lr, decay) scaled by `lr_scale(name)`, DeepSpeed's
     optimizer, and `torch.compile` on request."""
+    if settings.lr is None:
+        raise ValueError(f"{settings.source}: optimizer.params.lr is \"{LR_AUTO}\"; resolve it first (settings.with_lr)")
     if settings.activation_checkpointing:
         enable_activation_checkpointing(objective.model, settings)
     groups = param_groups(objective.model, lr=settings.lr, weight_decay=settings.weight_decay, lr_scale=lr_scale)
@@ -502,6 +561,32 @@ def build_training_engine(objective: nn.Module, settings: DeepSpeedSettings, *,
     if compile:
         engine.compile()
     return engine
+
+
+def build_optimizer(groups: list[dict[str, Any]], settings: DeepSpeedSettings):
+    """The optimizer `deepspeed.initialize` builds from the config's `optimizer` section, built
+    without an engine or a process group, for in-process checks of a recipe
+    (`tasks.synthetic_scenes` learning checks): DeepSpeedCPUAdam when the optimizer is offloaded,
+    else FusedAdam (the CUDA kernel, or the C++ one on the CPU accelerator); torch.optim.AdamW
+    under `torch_adam`. Every group gets the config's betas, eps and bias_correction."""
+    from .ops import ensure_ops
+
+    params = dict(settings.config["optimizer"]["params"])
+    if settings.lr is None:
+        raise ValueError(f"{settings.source}: optimizer.params.lr is \"{LR_AUTO}\"; resolve it first (settings.with_lr)")
+    adam_w_mode = str(settings.config["optimizer"].get("type", "")).lower() == "adamw" or params.get("adam_w_mode", True)
+    common = dict(lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay)
+    if params.get("torch_adam", False):
+        return (torch.optim.AdamW if adam_w_mode else torch.optim.Adam)(groups, **common)
+    if settings.offload_optimizer != "none":
+        ensure_ops(("CPUAdamBuilder",))
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, **common, bias_correction=settings.bias_correction, adamw_mode=adam_w_mode)
+    ensure_ops(("FusedAdamBuilder",))
+    from deepspeed.ops.adam import FusedAdam
+
+    return FusedAdam(groups, **common, bias_correction=settings.bias_correction, adam_w_mode=adam_w_mode)
 
 
 def engine_float_dtype(engine) -> torch.dtype:

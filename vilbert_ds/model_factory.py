@@ -10,7 +10,8 @@
 `allow_missing` names key prefixes the weights may lack, left at a fresh initialisation (a
 pretrained model's task heads and task tokens when a task run starts from it: `TASK_PARTS`).
 Training checkpoints are consolidated by `checkpoint.load_consolidated` (the same code as
-`vilbert-ds export`). `model_config` gives the config `get_model` would build, without building.
+`vilbert-ds export`). `model_config` gives the config `get_model` would build, without building. `freeze_text_layers`
+is the original's `--freeze N`.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, Sequence
 
 from safetensors.torch import load_file
 
+from .engine import is_text_stream
 from .model import ViLBert, ViLBertConfig, resolve_config
 from .weights import (CONFIG_NAME, HF_TEXT_CONFIG_KEYS, TASK_EMBEDDINGS, TASK_HEAD_PREFIXES, WEIGHTS_NAME,
                       CheckpointError, config_from_hf_bert, from_original, load_hf_bert, load_into)
@@ -100,6 +102,22 @@ def get_model(source: str | os.PathLike = "", *, config: Any = "base_6layer_6con
     if report.missing:
         log.info("from %s: %d tensors start fresh (%s ...)", source, len(report.missing), report.missing[:3])
     return model
+
+
+def freeze_text_layers(model: ViLBert, last: int) -> list[str]:
+    """The original's `--freeze N` as it was meant: the text embeddings (word, position, token
+    type, LayerNorm; not the task-token table) and text layers 0..`last` get requires_grad=False,
+    so no gradient and no optimizer state (`engine.param_groups` leaves them out). `last` = -1
+    freezes nothing. Returns the frozen parameter names."""
+    frozen = []
+    for name, p in model.named_parameters():
+        if not is_text_stream(name):
+            continue
+        layer = name.split(".")[3] if name.startswith("bert.encoder.layer.") else None
+        if last >= 0 and (layer is None or int(layer) <= last):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def _text_config(text_from: str, config: Any, overrides: dict) -> tuple[Path, ViLBertConfig]:

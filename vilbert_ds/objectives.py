@@ -9,6 +9,8 @@ scalar tensors (averaged over micro-batches and ranks when logged) or `Ratio(num
 - `TaskObjective`: every selected task's loss, dispatched on `batch.task` to the task's family
   (its heads only, task token = its id). Each task's loss is weighted by the sampler's
   `loss_scales()` (the original's lr_t / min lr), applied by the trainer before backward.
+- `base_lr`: the base lr of a task run, the original's `base_lr = min(task lr)` (2e-5 for the
+  12 tasks of 12-in-1; a fine-tuned task's own lr), used when the DeepSpeed config's lr is "auto".
 - `lr_rule`: the per-parameter lr multiplier (vil_* heads at `head_lr`, the BERT text stream at
   `bert_lr_scale`), from which `engine.param_groups` builds a handful of groups.
 """
@@ -76,6 +78,14 @@ class TaskObjective(nn.Module):
     def forward(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         family = self.families[batch.task]
         return family.loss(family.forward(self.model, batch), batch)
+
+
+def base_lr(task_lrs: Mapping[str, float]) -> float:
+    """The original's base lr: the smallest lr of the selected tasks (`train_tasks.py`). Every
+    parameter not named vil_* trains at it; the loss scales are lr_t / this."""
+    if not task_lrs:
+        raise ValueError("no tasks to derive a base lr from")
+    return min(float(lr) for lr in task_lrs.values())
 
 
 def lr_rule(base_lr: float, head_lr: float | None = None, bert_lr_scale: float = 1.0) -> Callable[[str], float]:

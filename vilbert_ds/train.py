@@ -29,12 +29,12 @@ from .checkpoint import CheckpointManager, ResumePlan, export_fp32, plan_resume,
 from .config import ConfigError, TrainConfig, split_overrides, task_micro_batch
 from .data.config import redact
 from .distributed import DistEnv, init_distributed, shutdown_distributed
-from .engine import (WarmupLinearSchedule, build_training_engine, engine_float_dtype, load_ds_config,
+from .engine import (LR_AUTO, LRSchedule, build_training_engine, engine_float_dtype, load_ds_config,
                      read_batch_sizes, validate_ds_config, warmup_steps_for)
 from .metrics import MetricsLogger, peak_tflops, vilbert_flops
 from .model import ViLBert
-from .model_factory import TASK_PARTS, get_model, model_config, source_kind
-from .objectives import PretrainObjective, TaskObjective, lr_rule
+from .model_factory import TASK_PARTS, freeze_text_layers, get_model, model_config, source_kind
+from .objectives import PretrainObjective, TaskObjective, base_lr, lr_rule
 from .tasks.label_maps import write_run_label_maps
 from .tasks.registry import TaskConfig, build_family, load_registry, select_tasks
 from .tasks.sampler import SamplerConfig, StopAndGoConfig, build_sampler
@@ -55,6 +55,7 @@ class Job:
     plan: ResumePlan | None
     tasks: list[TaskConfig] = field(default_factory=list)
     micro: dict[str, int] = field(default_factory=dict)  # per-rank task micro-batches
+    lr_note: str = ""  # where the base lr came from (logged at start)
 
     @property
     def run_dir(self) -> Path:
@@ -77,8 +78,19 @@ def prepare(args: argparse.Namespace, kind: str, env: DistEnv) -> Job:
     if cfg.model.init_from and source_kind(cfg.model.init_from) != "original":  # an original file is read weights_only
         verify_source(cfg.model.init_from)  # nothing in it may run code, and refused before any rank waits
     job = Job(cfg, settings, plan=None)
+    if kind == "pretrain" and settings.lr is None:
+        raise ConfigError(f"{args.deepspeed}: optimizer.params.lr \"{LR_AUTO}\" takes the tasks' smallest lr; a "
+                          "pretraining run has no tasks: set a number (the original: 1e-4)")
     if kind != "pretrain":
         job.tasks = resolve_tasks(cfg, getattr(args, "tasks", None) or getattr(args, "task", None))
+        derived = base_lr({t.name: t.lr for t in job.tasks})
+        if settings.lr is None:  # the original's rule: base lr = min task lr
+            job.settings = settings = settings.with_lr(derived)
+            job.lr_note = f"base lr {derived:g} = the tasks' smallest lr (\"{LR_AUTO}\" in {args.deepspeed})"
+        else:
+            job.lr_note = (f"base lr {settings.lr:g} as set in {args.deepspeed}" + (
+                f" (the original would use the tasks' smallest lr, {derived:g}: set optimizer.params.lr to "
+                f"\"{LR_AUTO}\")" if settings.lr != derived else ""))
         job.micro = {t.name: task_micro_batch(cfg.tasks.batch_size.get(t.name, t.batch_size), env.world_size,
                                               settings.accumulation, t.name) for t in job.tasks}
         check_task_shards(cfg, job.tasks, job.micro, env.world_size, settings.accumulation)
@@ -91,6 +103,10 @@ def prepare(args: argparse.Namespace, kind: str, env: DistEnv) -> Job:
     if trained is not None and trained != [t.name for t in job.tasks]:
         raise ConfigError(f"{job.plan.directory / job.plan.tag} trained tasks {trained}; this run has "
                           f"{[t.name for t in job.tasks]} (resume with the same --tasks)")
+    frozen = job.plan.meta.get("freeze", -1) if job.plan else cfg.model.freeze
+    if frozen != cfg.model.freeze:  # the optimizer state holds the trainable parameters only
+        raise ConfigError(f"{job.plan.directory / job.plan.tag} trained with model.freeze={frozen}; this run has "
+                          f"model.freeze={cfg.model.freeze} (resume with the same value)")
     return job
 
 
@@ -164,6 +180,10 @@ def run(job: Job, env: DistEnv, loader_factory=None) -> int:
     if cfg.train.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(cfg, run_dir, env)
+    if cfg.model.freeze >= 0:
+        frozen = freeze_text_layers(model, cfg.model.freeze)
+        log.info("model.freeze=%d: %d text-stream tensors frozen (embeddings + text layers 0..%d)", cfg.model.freeze,
+                 len(frozen), cfg.model.freeze)
     if kind == "pretrain":
         objective = PretrainObjective(model, visual_target=cfg.data.visual_target, img_weight=cfg.train.img_weight)
         lr_scale = lr_rule(settings.lr, None, cfg.optim.bert_lr_scale)
@@ -214,11 +234,14 @@ def run(job: Job, env: DistEnv, loader_factory=None) -> int:
     longest = max(len(loader) for loader in streams.values())
     iters_per_epoch = (cfg.tasks.iters_per_epoch if cfg.tasks else None) or max(1, longest // sizes.accumulation)
     total = cfg.train.total_steps or max(1, cfg.train.epochs * longest // sizes.accumulation)
-    schedule = WarmupLinearSchedule(engine.optimizer, total, warmup_steps_for(total, cfg.optim.warmup_fraction))
+    o = cfg.optim
+    schedule = LRSchedule(engine.optimizer, total, warmup_steps_for(total, o.warmup_fraction), kind=o.schedule,
+                          iters_per_epoch=iters_per_epoch, decay_epochs=o.decay_epochs, decay_factor=o.decay_factor)
     sampler = build_sampler(list(streams), {n: getattr(s, "epoch_total", len(s)) for n, s in streams.items()}, lrs,
                             sampler_cfg)
     meta = {"kind": kind, "zero_stage": settings.zero_stage, "precision": settings.precision, "module_prefix": "model.",
-            "model_config": model.config.to_dict(), "total_steps": total, "batch_sizes": sizes.as_dict()}
+            "model_config": model.config.to_dict(), "total_steps": total, "batch_sizes": sizes.as_dict(),
+            "freeze": cfg.model.freeze}
     if kind != "pretrain":
         meta["tasks"] = list(streams)
     if env.is_main:
@@ -249,6 +272,10 @@ def run(job: Job, env: DistEnv, loader_factory=None) -> int:
              "sampler %s, ZeRO-%d %s, restart %d", kind, list(streams), env.world_size, env.launcher, micro,
              sizes.accumulation, total, unit, trainer.state.step, iters_per_epoch, sampler.kind, settings.zero_stage,
              settings.precision, env.restart_count)
+    log.info("optimizer: %s; Adam betas %s, eps %g, weight decay %g (none on bias/LayerNorm), bias correction %s, "
+             "gradient clipping %s; schedule %s, warmup %d of %d iterations", job.lr_note or f"lr {settings.lr:g}",
+             settings.betas, settings.eps, settings.weight_decay, "on" if settings.bias_correction else "off",
+             settings.gradient_clipping or "off", schedule.kind, schedule.warmup_steps, total)
     try:
         status = trainer.fit()
         if status == EXIT_DONE and trainer.state.step >= total and tasks and tasks.final_eval:

@@ -21,6 +21,9 @@ another generator's shared sets.
     python -m vilbert_ds.tasks.synthetic_scenes --root /tmp/scenes --tasks refcoco,visual7w,retrieval_coco,vcr_q_a
     # learning check: build shards, train a tiny model 400 steps per task, with and without features
     python -m vilbert_ds.tasks.synthetic_scenes --root /tmp/scenes --tasks refcoco --images 40 --train-steps 400
+    # the same with the 12-in-1 optimizer recipe (fine-tuning one task: the task's lr, heads 1e-4)
+    python -m vilbert_ds.tasks.synthetic_scenes --root /tmp/scenes --tasks refcoco --images 40 --train-steps 400 \
+        --deepspeed ds_configs/zero2_12in1.json
 """
 from __future__ import annotations
 
@@ -420,10 +423,14 @@ def make_scene_tasks(root: str | os.PathLike, tasks: list[str] | tuple[str, ...]
 
 
 def learning_check(registry_path: str | os.PathLike, task: str, steps: int, *, blind: bool = False, lr: float = 1e-3,
-                   micro_batch: int = 8, seed: int = 0) -> dict[str, float]:
+                   micro_batch: int = 8, seed: int = 0, recipe=None, head_lr: float = 1e-4) -> dict[str, float]:
     """Trains a tiny ViLBERT on one task's (built) shards in-process for `steps` updates and returns
-    its validation score before and after. `blind=True` is the text-only baseline: every example
-    sees the region features of the *next* example of its batch (its own boxes stay), so the
+    its validation score before and after: torch AdamW at a constant `lr`, or with `recipe` (the
+    `engine.DeepSpeedSettings` of a DeepSpeed config) the optimizer DeepSpeed builds from it over
+    vilbert-ds's parameter groups (vil_* at `head_lr`), its clipping, and a 10% warmup-linear
+    schedule; its lr "auto" is the task's lr, as fine-tuning uses it. `blind=True` is the
+    text-only baseline: every example sees the region features of the *next* example of its
+    batch (its own boxes stay), so the
     model gets image-shaped input that carries no information about its own image (zeroed
     features would instead silence the multiplicative fusion altogether). The synthetic texts
     name objects by colour and noun, which only the features show."""
@@ -457,7 +464,19 @@ def learning_check(registry_path: str | os.PathLike, task: str, steps: int, *, b
 
     torch.manual_seed(seed)
     model = ViLBert(tiny(with_task_heads=True, task_specific_tokens=True))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule, clip = None, 0.0
+    if recipe is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    else:  # a learning check of a training recipe: the dev tool reaches up to the engine's optimizer
+        from ..engine import LRSchedule, build_optimizer, param_groups, warmup_steps_for
+        from ..objectives import lr_rule
+
+        recipe = recipe.with_lr(cfg.lr) if recipe.lr is None else recipe
+        groups = param_groups(model, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                              lr_scale=lr_rule(recipe.lr, head_lr))
+        optimizer = build_optimizer(groups, recipe)
+        schedule = LRSchedule(optimizer, steps, warmup_steps_for(steps, 0.1))
+        clip = recipe.gradient_clipping
     loader = build_task_loader(family, cfg.splits.train, data, rank=0, world_size=1, micro_batch_size=micro_batch, seed=seed)
     before = validate(model)
     step, epoch = 0, 0
@@ -466,14 +485,19 @@ def learning_check(registry_path: str | os.PathLike, task: str, steps: int, *, b
         epoch += 1
         for batch in loader:
             batch = prepare(batch)
+            if schedule is not None:
+                schedule.step()
             loss, _ = family.loss(family.forward(model, batch), batch)
             optimizer.zero_grad()
             loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             step += 1
             if step >= steps:
                 break
-    return {"task": task, "steps": float(steps), "blind": float(blind), "val_before": before, "val_after": validate(model)}
+    return {"task": task, "steps": float(steps), "blind": float(blind), "lr": recipe.lr if recipe else lr,
+            "val_before": before, "val_after": validate(model)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -485,7 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=0,
                    help="> 0: build the task shards, train a tiny model that many steps per task, with and without "
                         "region features, and print the validation scores (a learning check)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="constant lr of torch AdamW (default 1e-3); with --deepspeed, replaces the config's lr")
+    p.add_argument("--deepspeed", default="", metavar="JSON",
+                   help="train with this DeepSpeed config's optimizer (e.g. ds_configs/zero2_12in1.json, the 12-in-1 "
+                        "recipe), vil_* heads at --head-lr, 10%% warmup-linear")
+    p.add_argument("--head-lr", type=float, default=1e-4, help="with --deepspeed: lr of the vil_* heads")
     args = p.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
     path = make_scene_tasks(args.root, tasks, SceneSpec(images=args.images, seed=args.seed))
@@ -494,11 +523,18 @@ def main(argv: list[str] | None = None) -> int:
         from .build import TaskBuildConfig, build_task
         from .registry import load_registry
 
+        recipe = None
+        if args.deepspeed:
+            from ..engine import load_ds_config, validate_ds_config
+
+            recipe = validate_ds_config(load_ds_config(args.deepspeed), source=args.deepspeed, world_size=1)
+            recipe = recipe.with_lr(args.lr) if args.lr else recipe
         for task in tasks:
             build_task(load_registry(path), task, TaskBuildConfig(max_count=256))
             for blind in (False, True):
-                print(json.dumps(learning_check(path, task, args.train_steps, blind=blind, lr=args.lr, seed=args.seed)),
-                      flush=True)
+                result = learning_check(path, task, args.train_steps, blind=blind, lr=args.lr or 1e-3, seed=args.seed,
+                                        recipe=recipe, head_lr=args.head_lr)
+                print(json.dumps(result), flush=True)
     return 0
 
 
