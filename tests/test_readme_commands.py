@@ -48,9 +48,11 @@ TRAINING = ("pretrain", "multitask", "finetune")
 def _commands_in(text: str) -> list[list[str]]:
     """The commands of one shell line (split at &&, ;, ||) that start with a known program."""
     try:
-        words = shlex.split(text, comments=True)
+        words = shlex.split(text)
     except ValueError:
         return []
+    # a comment starts at a word beginning with '#' (not inside one: features.tsv#1060 picks an image)
+    words = words[:next((i for i, w in enumerate(words) if w.startswith("#")), len(words))]
     out, current = [], []
     for w in [*words, "&&"]:
         if w in ("&&", ";", "||"):
@@ -82,8 +84,13 @@ def _is_reference(words: list[str]) -> bool:
         and len(rest) <= 2
 
 
+def _joined(words: list[str]) -> str:
+    """The words as one line the shell splits back into them (a word with spaces quoted)."""
+    return " ".join(shlex.quote(w) if any(c.isspace() for c in w) else w for w in words)
+
+
 def doc_commands() -> dict[str, list[str]]:
-    """{command as written (words joined by spaces, comments dropped): [doc:line, ...]}."""
+    """{command as written (words joined as the shell reads them, comments dropped): [doc:line, ...]}."""
     found: dict[str, list[str]] = {}
     for doc in DOCS:
         text, name = doc.read_text(encoding="utf-8"), doc.relative_to(REPO).as_posix()
@@ -102,7 +109,7 @@ def doc_commands() -> dict[str, list[str]]:
                     line = line.rstrip()[:-1] + " " + lines[i].strip()
                 i += 1
                 for words in _commands_in(line.strip()):
-                    found.setdefault(" ".join(words), []).append(f"{name}:{line0 + start}")
+                    found.setdefault(_joined(words), []).append(f"{name}:{line0 + start}")
         prose = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
         for span in re.finditer(r"`([^`]+)`", prose):
             quoted = " ".join(span.group(1).split())
@@ -115,7 +122,7 @@ def doc_commands() -> dict[str, list[str]]:
                 if len(cmd) < (2 if cmd[0] in ("bash", "sbatch") else 3) or words[-1] in ("-m", "--module") \
                         or (more and _is_reference(words)):
                     continue  # `deepspeed`, `torchrun -m`, `vilbert-ds shards build ...`: a program named in prose
-                found.setdefault(" ".join(words), []).append(f"{name}:{prose[:span.start()].count(chr(10)) + 1}")
+                found.setdefault(_joined(words), []).append(f"{name}:{prose[:span.start()].count(chr(10)) + 1}")
     return found
 
 
@@ -158,6 +165,33 @@ EXPECT = {
 
 _SYN = "cc-lmdb, lmdb-pickle, npz and the task writers"
 NOT_RUN: dict[str, str] = {
+    # the demo's models and inputs (tests/test_predict.py runs predict on a trained tiny model, every family)
+    "vilbert-ds predict --model runs/demo/model --task retrieval_coco --features runs/demo/shards --caption "
+    "'a picture of a pink boat' --top-k 3": "the demo's model (tests/test_predict.py ranks a shard set)",
+    "vilbert-ds predict --model runs/demo/model --task retrieval_coco --features "
+    "runs/demo/inputs/features.tsv.0#1117517700 --caption 'there is a purple chair and a purple cup' --caption "
+    "'a picture of a pink boat' --caption 'a photo of a white clock'": "the demo's model (tests/test_predict.py reads "
+                                                                        "TSV features)",
+    "vilbert-ds predict --model runs/demo/tasks/run --registry runs/demo/tasks/data/tasks.yaml --task vqa --features "
+    "runs/demo/tasks/data/features/coco#1060 --question 'what color is the dog?' --question 'is there a car?' "
+    "--top-k 3": "the demo's task model (tests/test_predict.py)",
+    "vilbert-ds predict --model runs/demo/tasks/run --registry runs/demo/tasks/data/tasks.yaml --task snli_ve "
+    "--features runs/demo/tasks/data/features/flickr30k#4000 --hypothesis 'there is a red cat' --hypothesis "
+    "'there is a blue cat'": "the demo's task model (tests/test_predict.py)",
+    "vilbert-ds predict --model runs/demo/tasks/run --registry runs/demo/tasks/data/tasks.yaml --task nlvr2 "
+    "--features runs/demo/tasks/data/features/nlvr2#dev-0-0-img0 runs/demo/tasks/data/features/nlvr2#dev-0-0-img1 "
+    "--sentence 'one of the images has a red cat.'": "the demo's task model (tests/test_predict.py)",
+    "vilbert-ds predict --model runs/demo/tasks/run --registry runs/demo/tasks/data/tasks.yaml --task vqa --features "
+    "runs/demo/tasks/data/features/coco#1060 --question 'what color is the dog?' --json --embeddings emb/ --states":
+        "the demo's task model (tests/test_predict.py)",
+    "vilbert-ds shards synth --out synth --images 256 --boxes 36": "a measurement's input (the synth path runs in "
+                                                                   "tests/test_shards_cli.py on fewer images)",
+    "python bench/batch_mix.py --markdown": "a measurement (minutes of CPU)",
+    "vilbert-ds multitask --config multitask_12in1 --deepspeed ds_configs/zero2_12in1.json":
+        "the 12 tasks' data (tests/test_recipe.py loads the shipped recipe)",
+    "vilbert-ds finetune --task vqa --from runs/multitask --config multitask_12in1 --deepspeed "
+    "ds_configs/zero2_12in1.json": "a multi-task run and its tasks' data (tests/test_recipe.py fine-tunes a "
+                                   "synthetic task)",
     # installing and the whole suite
     "python3 -m pip install torch==2.13.0": "installs packages (tests/run.sh does, before the suite)",
     "pip install torch==2.13.0": "installs packages (tests/run.sh does, before the suite)",
@@ -419,7 +453,7 @@ def _options(words: list[str]) -> list[str]:
 
 def _unwrap_optional(words: list[str]) -> list[str]:
     """`[--task-heads]`, `[--out PNG]` (optional parts) as plain words."""
-    return re.sub(r"\[(-[^\]]*)\]", r"\1", " ".join(words)).split()
+    return shlex.split(re.sub(r"\[(-[^\]]*)\]", r"\1", _joined(words)))
 
 
 def _check_vilbert_ds(words: list[str], world_size: int = 1) -> None:

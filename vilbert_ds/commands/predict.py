@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also save the pooled text / vision / fused vectors as .npy (+ rows.json)")
     parser.add_argument("--states", action="store_true", help="with --embeddings: per-token and per-region states too")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="weights and activations dtype on the device")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per forward")
 
 
