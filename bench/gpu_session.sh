@@ -205,9 +205,7 @@ if wants b && data_ready cc_shards "$CC_PID"; then
 fi
 
 # ------------------------------------------------------------------- c: multi-task run
-# >>> MULTI-TASK BLOCK: written against today's `python -m vilbert_ds.multitask` and its config keys.
-# Issue 10 replaces the multi-task trainer and entry point: update this command (and, if the
-# metrics keys change, bench/train_runs.py multitask_row) when it lands.
+# The one Trainer (issue 10) logs the same perf/* keys as pretraining (bench/train_runs.py multitask_row).
 if wants c && data_ready task_shards "$TASK_PID"; then
     mkdir -p "$WORK/runs"
     run_part c_multitask 100 $PY -m vilbert_ds.multitask --tasks vqa,gqa,snli_ve,nlvr2 \
@@ -219,7 +217,6 @@ if wants c && data_ready task_shards "$TASK_PID"; then
         metrics.log_every=$((ITERS / 6 > 0 ? ITERS / 6 : 1)) metrics.wandb=disabled metrics.tensorboard=false \
         ds.train_batch_size=$TASK_BATCH ds.train_micro_batch_size_per_gpu=$TASK_BATCH $ADAM_DS
 fi
-# <<< MULTI-TASK BLOCK
 
 # ----------------------------------------------------------------- d: torch.compile step
 wants d && run_part d_compile 240 $PY bench/model_step.py $COMPILE_ARGS $ADAM_BENCH --markdown \

@@ -24,7 +24,7 @@ import common as C  # noqa: E402
 PRETRAIN_COLUMNS = ["run", "config", "precision", "ZeRO", "micro-batch", "workers", "steps", "samples/s", "tokens/s",
                     "step ms", "TFLOP/s", "MFU", "data wait %", "peak GiB", "ckpt save s"]
 MULTITASK_COLUMNS = ["run", "config", "precision", "ZeRO", "tasks", "batch per task", "workers per task", "iterations",
-                     "updates/s", "samples/s", "ms per update"]
+                     "samples/s", "tokens/s", "iteration ms", "TFLOP/s", "MFU", "data wait %", "peak GiB"]
 
 
 def read_run(run_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
@@ -74,24 +74,30 @@ def pretrain_row(run_dir: str | Path) -> dict[str, Any]:
 
 
 def multitask_row(run_dir: str | Path) -> dict[str, Any]:
-    """Today's multi-task trainer logs updates/s per task window (no samples/s, MFU or data wait:
-    issue 10); samples/s = updates/s x the mean batch of the tasks. Uses perf/samples_per_s when logged."""
+    """One Trainer logs every kind of run alike (issue 10): samples/s, tokens/s, iteration time,
+    TFLOP/s, MFU, data wait and peak memory per logged window, over every task's batches."""
     rows, cfg, ds = read_run(run_dir)
-    key = "perf/samples_per_s" if any("perf/samples_per_s" in r for r in rows) else "perf/updates_per_s"
-    steady = _steady(rows, key)
+    steady = _steady(rows, "perf/samples_per_s")
     if not steady:
-        raise ValueError(f"{run_dir}: no {key} rows in metrics.jsonl")
+        raise ValueError(f"{run_dir}: no perf/samples_per_s rows in metrics.jsonl")
+
+    def med(key: str) -> float | None:
+        values = [r[key] for r in steady if key in r]
+        return C.median(values) if values else None
+
     tasks = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("train/") and k.endswith("/loss")})
     batches = cfg["tasks"]["batch_size"]
     batch = sum(int(batches[t]) for t in tasks) / len(tasks) if tasks and all(t in batches for t in tasks) else None
-    updates = C.median(r["perf/updates_per_s"] for r in steady) if key == "perf/updates_per_s" else None
-    samples = C.median(r[key] for r in steady) if key == "perf/samples_per_s" else (
-        updates * batch if batch else None)
+    step_s = med("perf/step_s")
+    wait = med("perf/data_wait_frac")
     return {"run": Path(run_dir).name, "config": _model(cfg), "precision": _precision(ds),
             "ZeRO": ds.get("zero_optimization", {}).get("stage", 0), "tasks": ",".join(tasks),
             "batch per task": batch, "workers per task": cfg["data"]["num_workers"],
-            "iterations": max(r["step"] for r in steady), "updates/s": updates, "samples/s": samples,
-            "ms per update": 1e3 / updates if updates else None}
+            "iterations": max(r["step"] for r in steady), "samples/s": med("perf/samples_per_s"),
+            "tokens/s": med("perf/tokens_per_s"), "iteration ms": 1e3 * step_s if step_s else None,
+            "TFLOP/s": med("perf/tflops"), "MFU": med("perf/mfu"),
+            "data wait %": 100 * wait if wait is not None else None,
+            "peak GiB": max(r.get("mem/peak_gib_per_rank", 0.0) for r in steady)}
 
 
 def run(pretrain: list[str] = (), multitask: list[str] = ()) -> list[C.Table]:
@@ -110,8 +116,9 @@ def run(pretrain: list[str] = (), multitask: list[str] = ()) -> list[C.Table]:
     if multitask:
         table = C.Table("Q7b multi-task launches (vilbert_ds.multitask, 1 rank, synthetic task shards)",
                         MULTITASK_COLUMNS, rows=[multitask_row(d) for d in multitask])
-        table.notes.append("one update = one task batch (forward, backward, optimizer step); medians over the logged "
-                           "windows after the first; samples/s = updates/s x batch per task")
+        table.notes.append("one iteration = one update per task (round-robin: forward, backward, optimizer step "
+                           "each); medians over the logged windows after the first; TFLOP/s and MFU from the same "
+                           "analytic FLOPs as pretraining, per task shape")
         tables.append(table)
     return tables
 
