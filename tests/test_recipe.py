@@ -27,7 +27,7 @@ from torch import nn
 
 from vilbert_ds.engine import (DeepSpeedConfigError, LRSchedule, base_optimizer, build_engine, load_ds_config,
                                param_groups, validate_ds_config)
-from vilbert_ds.objectives import lr_rule
+from vilbert_ds.engine import lr_rule
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "ds_configs" / "zero2_12in1.json"

@@ -10,7 +10,7 @@ from fixtures.tasks import build_synthetic_tasks
 from vilbert_ds.engine import WarmupLinearSchedule, param_groups
 from vilbert_ds.model import ViLBert
 from vilbert_ds.model.config import tiny
-from vilbert_ds.objectives import lr_rule
+from vilbert_ds.engine import lr_rule
 from vilbert_ds.data.tokenizer import load_tokenizer
 from vilbert_ds.tasks.loader import EvalLoader, build_task_loader, evaluate_task
 from vilbert_ds.data.config import DataConfig

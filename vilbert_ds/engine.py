@@ -3,7 +3,7 @@
     ds = load_ds_config("ds_configs/zero2.json", overrides=["train_micro_batch_size_per_gpu=8"])
     settings = validate_ds_config(ds, source="ds_configs/zero2.json", world_size=env.world_size)
     settings = settings.with_lr(2e-5)                           # when the JSON says "lr": "auto"
-    engine = build_training_engine(objective, settings, lr_scale=objectives.lr_rule(...))
+    engine = build_training_engine(objective, settings, lr_scale=lr_rule(...))
     sched = LRSchedule(engine.optimizer, total_steps=1000, warmup_steps=100)   # or kind="mannul" | "cosine"
     batches = read_batch_sizes(engine)                          # micro, accumulation, global
 
@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -344,6 +344,22 @@ def is_text_stream(name: str) -> bool:
 def text_stream_scale(scale: float) -> Callable[[str], float]:
     """lr multiplier by parameter name: `scale` for the text stream, 1 elsewhere."""
     return lambda name: scale if is_text_stream(name) else 1.0
+
+
+def base_lr(task_lrs: Mapping[str, float]) -> float:
+    """The original's base lr: the smallest lr of the selected tasks (`train_tasks.py`). Every
+    parameter not named vil_* trains at it; the loss scales are lr_t / this."""
+    if not task_lrs:
+        raise ValueError("no tasks to derive a base lr from")
+    return min(float(lr) for lr in task_lrs.values())
+
+
+def lr_rule(base_lr: float, head_lr: float | None = None, bert_lr_scale: float = 1.0) -> Callable[[str], float]:
+    """Per-parameter lr multiplier: vil_* heads at `head_lr` (the original's 1e-4; None = the
+    base lr), the BERT text stream at `bert_lr_scale`, everything else at the base lr."""
+    text = text_stream_scale(bert_lr_scale)
+    head = (head_lr / base_lr) if head_lr else 1.0
+    return lambda name: head if "vil_" in name else text(name)
 
 
 def param_groups(

@@ -1,4 +1,4 @@
-"""What a training run minimises: "model + loss" modules, the task loss scales and the lr rule.
+"""What a training run minimises: "model + loss" modules and the task loss scales.
 
 Both objectives are `forward(batch) -> (loss, metrics)`; DeepSpeed wraps them. Metrics are
 scalar tensors (averaged over micro-batches and ranks when logged) or `Ratio(num, den)` pairs
@@ -9,21 +9,17 @@ scalar tensors (averaged over micro-batches and ranks when logged) or `Ratio(num
 - `TaskObjective`: every selected task's loss, dispatched on `batch.task` to the task's family
   (its heads only, task token = its id). Each task's loss is weighted by the sampler's
   `loss_scales()` (the original's lr_t / min lr), applied by the trainer before backward.
-- `base_lr`: the base lr of a task run, the original's `base_lr = min(task lr)` (2e-5 for the
-  12 tasks of 12-in-1; a fine-tuned task's own lr), used when the DeepSpeed config's lr is "auto".
-- `lr_rule`: the per-parameter lr multiplier (vil_* heads at `head_lr`, the BERT text stream at
-  `bert_lr_scale`), from which `engine.param_groups` builds a handful of groups.
+The lr rules (`engine.base_lr`, `engine.lr_rule`) live with the parameter groups they shape.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from .data.batch import PretrainBatch
-from .engine import text_stream_scale
 from .model import ViLBert
 from .tasks.base import TaskBatch, TaskFamily
 
@@ -78,19 +74,3 @@ class TaskObjective(nn.Module):
     def forward(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         family = self.families[batch.task]
         return family.loss(family.forward(self.model, batch), batch)
-
-
-def base_lr(task_lrs: Mapping[str, float]) -> float:
-    """The original's base lr: the smallest lr of the selected tasks (`train_tasks.py`). Every
-    parameter not named vil_* trains at it; the loss scales are lr_t / this."""
-    if not task_lrs:
-        raise ValueError("no tasks to derive a base lr from")
-    return min(float(lr) for lr in task_lrs.values())
-
-
-def lr_rule(base_lr: float, head_lr: float | None = None, bert_lr_scale: float = 1.0) -> Callable[[str], float]:
-    """Per-parameter lr multiplier: vil_* heads at `head_lr` (the original's 1e-4; None = the
-    base lr), the BERT text stream at `bert_lr_scale`, everything else at the base lr."""
-    text = text_stream_scale(bert_lr_scale)
-    head = (head_lr / base_lr) if head_lr else 1.0
-    return lambda name: head if "vil_" in name else text(name)

@@ -29,12 +29,12 @@ from .checkpoint import CheckpointManager, ResumePlan, export_fp32, plan_resume,
 from .config import ConfigError, TrainConfig, split_overrides, task_micro_batch
 from .data.config import redact
 from .distributed import DistEnv, init_distributed, shutdown_distributed
-from .engine import (LR_AUTO, LRSchedule, build_training_engine, engine_float_dtype, load_ds_config,
+from .engine import (LR_AUTO, LRSchedule, base_lr, build_training_engine, engine_float_dtype, load_ds_config, lr_rule,
                      read_batch_sizes, validate_ds_config, warmup_steps_for)
 from .metrics import MetricsLogger, peak_tflops, vilbert_flops
 from .model import ViLBert
 from .model_factory import TASK_PARTS, freeze_text_layers, get_model, model_config, source_kind
-from .objectives import PretrainObjective, TaskObjective, base_lr, lr_rule
+from .objectives import PretrainObjective, TaskObjective
 from .tasks.label_maps import write_run_label_maps
 from .tasks.registry import TaskConfig, build_family, load_registry, select_tasks
 from .tasks.sampler import SamplerConfig, StopAndGoConfig, build_sampler

@@ -468,8 +468,7 @@ def learning_check(registry_path: str | os.PathLike, task: str, steps: int, *, b
     if recipe is None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     else:  # a learning check of a training recipe: the dev tool reaches up to the engine's optimizer
-        from ..engine import LRSchedule, build_optimizer, param_groups, warmup_steps_for
-        from ..objectives import lr_rule
+        from ..engine import LRSchedule, build_optimizer, lr_rule, param_groups, warmup_steps_for
 
         recipe = recipe.with_lr(cfg.lr) if recipe.lr is None else recipe
         groups = param_groups(model, lr=recipe.lr, weight_decay=recipe.weight_decay,
