@@ -18,8 +18,10 @@
 #      batch 64: samples/s, TFLOP/s, MFU, peak memory per variant), Q2 vs plain, Q6 scaling
 #   b  pretraining: base 6layer_6conect, bf16, ZeRO-1, micro-batch 128, 8 loader workers,
 #      synthetic CC-sized shards (36 regions + cls_prob), 600 updates
-#   c  multi-task: vqa, gqa, snli_ve, nlvr2 on synthetic task shards, base model, bf16 ZeRO-1
+#   c  multi-task: vqa, gqa, snli_ve, nlvr2 on synthetic task shards, base model, the shipped 12-in-1
+#      recipe (ds_configs/zero2_12in1.json) in bf16
 #   d  torch.compile of the base pretraining step (bench/model_step.py), in the time left
+#   e  the 12-in-1 optimizer recipe on FusedAdam's CUDA kernel (tests/test_recipe.py -k reference)
 # Results in $OUT: session.txt (environment, part summary, the GPU block in Markdown), bench.json,
 # runs.json, compile.json, logs.tgz (every log, metrics.jsonl and config). Then, HERE:
 #   python bench/run.py --gpu --from-json DIR/bench.json DIR/runs.json DIR/compile.json --update-doc docs/PERFORMANCE.md
@@ -45,6 +47,9 @@ if [ "${1:-}" = prepare ]; then
     env -u DS_ACCELERATOR DS_BUILD_OPS=0 $PY -m pip wheel -q --no-cache-dir --no-deps --no-build-isolation \
         --no-binary deepspeed -w .whl deepspeed==0.19.8
     cp "$($PY -c 'from vilbert_ds.assets import minilm_dir; print(minilm_dir())')/vocab.txt" .whl/vocab/vocab.txt
+    # part e: pytest for tests/test_recipe.py on the GPU
+    mkdir -p .whl/test
+    $get -d .whl/test pytest==9.0.3 pluggy==1.6.0 iniconfig==2.3.0 pytest-timeout==2.4.0 pygments==2.19.2
     du -ah .whl
     exit 0
 fi
@@ -208,14 +213,28 @@ fi
 # The one Trainer (issue 10) logs the same perf/* keys as pretraining (bench/train_runs.py multitask_row).
 if wants c && data_ready task_shards "$TASK_PID"; then
     mkdir -p "$WORK/runs"
+    # the shipped 12-in-1 recipe (no bias correction, no clipping, lr auto), in bf16; FusedAdam is
+    # needed for bias_correction false (torch_adam cannot take it), so the fallback keeps zero1_bf16
+    TASK_DS="ds_configs/zero2_12in1.json ds.bf16.enabled=true"
+    [ -n "$ADAM_DS" ] && TASK_DS="ds_configs/zero1_bf16.json $ADAM_DS"
     run_part c_multitask 100 $PY -m vilbert_ds.multitask --tasks vqa,gqa,snli_ve,nlvr2 \
-        --deepspeed ds_configs/zero1_bf16.json tasks.registry="$WORK/tasks/tasks.yaml" \
+        --deepspeed $TASK_DS tasks.registry="$WORK/tasks/tasks.yaml" \
         tasks.batch_size.vqa=$TASK_BATCH tasks.batch_size.gqa=$TASK_BATCH tasks.batch_size.snli_ve=$TASK_BATCH \
         tasks.batch_size.nlvr2=$TASK_BATCH tasks.evaluate=false tasks.final_eval=false \
         data.vocab="$VOCAB" data.num_workers=$TASK_WORKERS model.config=$MODEL \
         train.output_dir="$WORK/runs/multitask" train.total_steps=$ITERS train.save_every=1000000 train.keep_last=1 \
-        metrics.log_every=$((ITERS / 6 > 0 ? ITERS / 6 : 1)) metrics.wandb=disabled metrics.tensorboard=false \
-        ds.train_batch_size=$TASK_BATCH ds.train_micro_batch_size_per_gpu=$TASK_BATCH $ADAM_DS
+        metrics.log_every=$((ITERS / 6 > 0 ? ITERS / 6 : 1)) metrics.wandb=disabled metrics.tensorboard=false
+fi
+
+# -------------------------------------------- e: the 12-in-1 optimizer recipe on the GPU kernel
+# tests/test_recipe.py's reference step with DS_ACCELERATOR=cuda: FusedAdam's CUDA kernel (ZeRO-2
+# and ZeRO-0) without bias correction against a float64 AdamW(correct_bias=False); pytest from .whl/test
+if wants e; then
+    [ "$DRY" = 1 ] || $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/test/*.whl \
+        >>"$LOGS/install.log" 2>&1
+    run_part e_recipe 120 env DS_ACCELERATOR=$([ "$DRY" = 1 ] && echo cpu || echo cuda) \
+        $PY -m pytest tests/test_recipe.py -k "reference and fused" -q -p no:cacheprovider
+    tail -n 3 "$LOGS/e_recipe.log" | tee -a "$OUT/session.txt"
 fi
 
 # ----------------------------------------------------------------- d: torch.compile step
