@@ -64,8 +64,8 @@ def _latest(run_dir: Path) -> int:
 
 
 def _resumed_from(log: str) -> int | None:
-    """The step a launch started from, from its start line (`... 48 steps of 24 per epoch (8 done)`)."""
-    m = re.search(rf"{TOTAL} steps of \d+ per epoch \((\d+) done\)", log)
+    """The step a launch started from, from its start line (`... 48 updates (8 done), 24 per epoch`)."""
+    m = re.search(rf"{TOTAL} updates \((\d+) done\), \d+ per epoch", log)
     return int(m.group(1)) if m else None
 
 
@@ -151,7 +151,10 @@ class TorchrunJob:
                 if f"\nRANK={rank}\n" in _environ(child) and "TORCHELASTIC_RUN_ID" in _environ(child):
                     self.workers.add(child)
                     return child
-        raise AssertionError(f"no worker with RANK={rank}")
+        seen = {a.pid: [(c, re.findall(r"\n(RANK=\d+|TORCHELASTIC_RUN_ID)=?", _environ(c)),
+                          Path(f"/proc/{c}/cmdline").read_bytes()[:80] if Path(f"/proc/{c}").exists() else b"")
+                         for c in _children(a.pid)] for a in self.procs}
+        raise AssertionError(f"no worker with RANK={rank}: agents' processes {seen}")
 
     def wait(self, timeout_s: float) -> list[int]:
         deadline = time.monotonic() + timeout_s
