@@ -72,9 +72,9 @@ else
     OUT=${OUT:?set by the device tool}
     WORK=${WORK:-/tmp/gpu_session}
     # TASK_IMAGES < 900: above, synthetic_qa's VQA image ids (train 100+i, val 1000+i) collide
-    IMAGES=4096 TASK_IMAGES=768 SHARD_WORKERS=4
+    IMAGES=4096 TASK_IMAGES=${TASK_IMAGES:-768} SHARD_WORKERS=4
     MODEL=base_6layer_6conect MB=128 STEPS=600 LOG_EVERY=50 WORKERS=8
-    TASK_BATCH=64 ITERS=120 TASK_WORKERS=2
+    TASK_BATCH=64 ITERS=${ITERS:-120} TASK_WORKERS=2
     BENCH_ARGS="--quick --gpu --skip-variants compile"
     COMPILE_ARGS="--gpu --configs base_6layer_6conect --shapes pretrain --variants baseline bf16 compile"
 fi
@@ -211,19 +211,28 @@ fi
 
 # ------------------------------------------------------------------- c: multi-task run
 # The one Trainer (issue 10) logs the same perf/* keys as pretraining (bench/train_runs.py multitask_row).
+# TASK_VARIANTS: one run per name (default: the recipe as shipped, ZeRO-2; zero1_12in1 = the same
+# optimizer at ZeRO-1), each in runs/multitask_<name>
 if wants c && data_ready task_shards "$TASK_PID"; then
     mkdir -p "$WORK/runs"
-    # the shipped 12-in-1 recipe (no bias correction, no clipping, lr auto), in bf16; FusedAdam is
-    # needed for bias_correction false (torch_adam cannot take it), so the fallback keeps zero1_bf16
-    TASK_DS="ds_configs/zero2_12in1.json ds.bf16.enabled=true"
-    [ -n "$ADAM_DS" ] && TASK_DS="ds_configs/zero1_bf16.json $ADAM_DS"
-    run_part c_multitask 100 $PY -m vilbert_ds.multitask --tasks vqa,gqa,snli_ve,nlvr2 \
-        --deepspeed $TASK_DS tasks.registry="$WORK/tasks/tasks.yaml" \
-        tasks.batch_size.vqa=$TASK_BATCH tasks.batch_size.gqa=$TASK_BATCH tasks.batch_size.snli_ve=$TASK_BATCH \
-        tasks.batch_size.nlvr2=$TASK_BATCH tasks.evaluate=false tasks.final_eval=false \
-        data.vocab="$VOCAB" data.num_workers=$TASK_WORKERS model.config=$MODEL \
-        train.output_dir="$WORK/runs/multitask" train.total_steps=$ITERS train.save_every=1000000 train.keep_last=1 \
-        metrics.log_every=$((ITERS / 6 > 0 ? ITERS / 6 : 1)) metrics.wandb=disabled metrics.tensorboard=false
+    for variant in ${TASK_VARIANTS:-zero2_12in1}; do
+        # the shipped 12-in-1 recipe (no bias correction, no clipping, lr auto), in bf16; FusedAdam is
+        # needed for bias_correction false (torch_adam cannot take it), so the fallback keeps zero1_bf16
+        case $variant in
+            zero2_12in1) TASK_DS="ds_configs/zero2_12in1.json ds.bf16.enabled=true" ;;
+            zero1_12in1) TASK_DS="ds_configs/zero2_12in1.json ds.bf16.enabled=true ds.zero_optimization.stage=1" ;;
+            *) say "unknown TASK_VARIANTS entry $variant"; continue ;;
+        esac
+        [ -n "$ADAM_DS" ] && TASK_DS="ds_configs/zero1_bf16.json $ADAM_DS"
+        run_part "c_multitask_$variant" 100 $PY -m vilbert_ds.multitask --tasks vqa,gqa,snli_ve,nlvr2 \
+            --deepspeed $TASK_DS tasks.registry="$WORK/tasks/tasks.yaml" \
+            tasks.batch_size.vqa=$TASK_BATCH tasks.batch_size.gqa=$TASK_BATCH tasks.batch_size.snli_ve=$TASK_BATCH \
+            tasks.batch_size.nlvr2=$TASK_BATCH tasks.evaluate=false tasks.final_eval=false \
+            data.vocab="$VOCAB" data.num_workers=$TASK_WORKERS model.config=$MODEL \
+            train.output_dir="$WORK/runs/multitask_$variant" train.total_steps=$ITERS train.save_every=1000000 \
+            train.keep_last=1 metrics.log_every=$((ITERS / 6 > 0 ? ITERS / 6 : 1)) metrics.wandb=disabled \
+            metrics.tensorboard=false
+    done
 fi
 
 # -------------------------------------------- e: the 12-in-1 optimizer recipe on the GPU kernel
@@ -244,7 +253,8 @@ wants d && run_part d_compile 240 $PY bench/model_step.py $COMPILE_ARGS $ADAM_BE
 # --------------------------------------------------------------------------- results
 runs=()
 [ -s "$WORK/runs/pretrain/metrics.jsonl" ] && runs+=(--pretrain "$WORK/runs/pretrain")
-[ -s "$WORK/runs/multitask/metrics.jsonl" ] && runs+=(--multitask "$WORK/runs/multitask")
+multitask=("$WORK"/runs/multitask_*/metrics.jsonl)
+[ -s "${multitask[0]}" ] && runs+=(--multitask "${multitask[@]%/metrics.jsonl}")
 if [ ${#runs[@]} -gt 0 ] && ! $PY bench/train_runs.py "${runs[@]}" --markdown --json "$OUT/runs.json" \
     >"$LOGS/train_runs.log" 2>&1; then
     say "bench/train_runs.py failed:"
@@ -258,8 +268,8 @@ if [ ${#results[@]} -gt 0 ]; then
 else
     say "no result file was written"
 fi
-for run in pretrain multitask; do
-    d=$WORK/runs/$run
+for d in "$WORK"/runs/*; do
+    run=${d##*/}
     [ -d "$d" ] || continue
     mkdir -p "$LOGS/$run"
     cp "$d"/*.log "$d"/*.jsonl "$d"/*.yaml "$d"/*.json "$LOGS/$run/" 2>/dev/null
