@@ -42,6 +42,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=None, help="base lr (trunk); default 5e-4 (bench) or the tasks' "
                    "smallest lr (original)")
     p.add_argument("--head-lr", type=float, default=None, help="lr of the vil_* heads; default 2e-3 (bench), 1e-4 (original)")
+    p.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE",
+                   help="DeepSpeed config override, repeatable (e.g. zero_optimization.stage=1)")
     p.add_argument("--init-range", type=float, default=0.1,
                    help="initializer_range of the tiny model (0.02, the original's, leaves it on the fused-product "
                         "plateau for hundreds of updates at this size)")
@@ -85,7 +87,8 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     t1 = time.time()
     subprocess.run([sys.executable, "-m", "vilbert_ds.multitask", "--tasks", ",".join(TASKS), "--config",
-                    str(out / "run.yaml"), "--deepspeed", str(ds_path), "--resume", "auto", *ds_overrides],
+                    str(out / "run.yaml"), "--deepspeed", str(ds_path), "--resume", "auto", *ds_overrides,
+                    *(f"ds.{o}" for o in args.ds)],
                    check=True, env=env)
     train_s = time.time() - t1
     rows = []
