@@ -174,3 +174,38 @@ def test_eviction_keeps_the_bound_and_spares_open_copies(s3_shards, tmp_path):
         assert names == {entry_name(shards[0]), entry_name(shards[2])}
     assert cached_bytes(str(tmp_path / "lru")) <= 2 * size + 100
     assert cache.stats.evicted == 1 and cache.stats.downloads == 3
+
+
+@pytest.mark.distributed
+def test_two_rank_training_run_reads_each_shard_from_the_bucket_once(s3_shards, synthetic_shards, minilm_dir,
+                                                                      tmp_path, monkeypatch):
+    """`vilbert-ds pretrain` through the deepspeed launcher, 2 ranks on gloo standing for 2 nodes,
+    3 epochs over the cached S3 set: the loaders' epoch reports show every shard downloaded
+    once (epoch 0), none after; each rank trains on the same samples every epoch."""
+    from fixtures.training import real_data_section, run_training, write_ds_config, write_train_config
+    from vilbert_ds.trainer import read_sample_log
+
+    reports = tmp_path / "reports"
+    monkeypatch.setenv("VILBERT_DS_LOADER_REPORTS", str(reports))
+    data = dict(real_data_section(synthetic_shards.manifest, minilm_dir), train=s3_shards["url"],
+                storage_options=s3_shards["opts"], cache_dir=str(tmp_path / "cache"), cache_bytes="64MB",
+                cache_ranks_per_node=1)
+    # 3 epochs of 12 updates at micro-batch 2 on 2 ranks, and one more: an epoch's report is
+    # written when its last batch has been taken, i.e. when the next epoch starts
+    steps = 3 * 48 // (2 * 2) + 1
+    cfg = write_train_config(tmp_path / "c.yaml", tmp_path / "run", data=data, model={"config": "tiny", "overrides": {}},
+                             train={"total_steps": steps, "save_every": steps, "log_samples": True})
+    ds = write_ds_config(tmp_path / "ds.json", stage=1, micro=2, accumulation=1)
+    out = run_training(2, ["--config", str(cfg), "--deepspeed", str(ds)], entry=["-m", "vilbert_ds.pretrain"],
+                       timeout=240)
+    rows = [row for p in sorted(reports.glob("train-rank*.jsonl")) for line in p.read_text().splitlines()
+            if (row := json.loads(line))["epoch"] < 3]
+    assert sorted((r["rank"], r["epoch"]) for r in rows) == [(r, e) for r in (0, 1) for e in range(3)], out.stdout[-3000:]
+    total = sum(s.bytes for s in load_source(str(synthetic_shards.manifest)).shards)
+    assert sum(r["cache_download_bytes"] for r in rows if r["epoch"] == 0) == total
+    assert [r["cache_downloads"] for r in rows if r["epoch"] > 0] == [0] * 4
+    assert sum(r["cache_downloads"] for r in rows) == 4  # each of the 4 shards once, across 3 epochs
+    samples = read_sample_log(tmp_path / "run")
+    for rank in (0, 1):
+        per_epoch = [{k for step in range(1 + 12 * e, 13 + 12 * e) for k in samples[rank][step]} for e in range(3)]
+        assert per_epoch[0] == per_epoch[1] == per_epoch[2] and len(per_epoch[0]) == 24
