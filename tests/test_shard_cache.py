@@ -209,3 +209,33 @@ def test_two_rank_training_run_reads_each_shard_from_the_bucket_once(s3_shards, 
     for rank in (0, 1):
         per_epoch = [{k for step in range(1 + 12 * e, 13 + 12 * e) for k in samples[rank][step]} for e in range(3)]
         assert per_epoch[0] == per_epoch[1] == per_epoch[2] and len(per_epoch[0]) == 24
+
+
+def test_ranks_of_a_node_share_its_shards_and_reshuffle_them(cached_config):
+    """4 ranks as 2 nodes of 2 (one cache each): a node's two ranks together see the same 24
+    samples every epoch, split between them differently each epoch (uniform order: a permutation
+    of the node's samples; shuffle windows split at shard granularity); equal batches per rank."""
+    loaders = [build_pretrain_loader(cached_config(f"n{r // 2}", cache_ranks_per_node=None, shuffle_buffer=None),
+                                     rank=r, world_size=4,
+                                     micro_batch_size=MB, seed=3, local_world_size=2) for r in range(4)]
+    assert {ld.plan for ld in loaders} == {"node-stable: 2 nodes x 2 ranks"}
+    keys = {(r, e): {k for b in _epoch(loaders[r], e) for k in b} for r in range(4) for e in range(2)}
+    assert all(len(loaders[r]) == 4 and len(keys[r, e]) == 12 for r in range(4) for e in range(2))
+    for node in (0, 1):
+        a, b = 2 * node, 2 * node + 1
+        assert keys[a, 0] | keys[b, 0] == keys[a, 1] | keys[b, 1] and len(keys[a, 0] | keys[b, 0]) == 24
+        assert keys[a, 0] != keys[a, 1]  # the node's samples are dealt to its ranks anew each epoch
+    assert sum(ld.last_report["cache_downloads"] for ld in loaders) == 0  # epoch 1: all local
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(cache_dir="/tmp/c"), "data.cache_bytes: set the cache's size bound"),
+    (dict(cache_dir="s3://b/c", cache_bytes="1GB"), "data.cache_dir must be a local directory"),
+    (dict(cache_dir="/tmp/c", cache_bytes="lots"), "data.cache_bytes: cannot parse byte size"),
+    (dict(cache_ranks_per_node=0), "data.cache_ranks_per_node must be an integer >= 1"),
+])
+def test_bad_cache_keys_are_refused_in_one_line(bad, message):
+    from vilbert_ds.data.config import DataConfig
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        DataConfig(train="s3://b/m.json", **bad)
