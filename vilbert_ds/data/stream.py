@@ -3,6 +3,10 @@
 Stages (each a small function or class below):
 1. `EpochPlan`: the epoch's sequence of (shard, sample range) segments, from the manifests of one
    or more weighted sources, shard order shuffled (or resampled) with (seed, epoch). N samples.
+   With a node-local shard cache (`cache.py`) whose bound holds each node's share, the plan is
+   node-stable: the shards are dealt to the nodes once (`node_shards`), and each node's plan
+   covers only its shards (shuffled with (seed, node, epoch)), split over the node's ranks as
+   below, so from the second epoch on a node reads only its local copies.
 2. Rank split: every rank gets the same number of batches B = N // (world_size * micro_batch)
    (the remainder, < world_size * micro_batch samples, is left out of this epoch and changes
    every epoch). Counts come from the manifest, before any byte is read, so no rank can run dry
@@ -868,6 +872,10 @@ class StreamingLoader:
     `shuffle_buffer`: samples shuffled together, summed over ranks (each rank shuffles windows
     of shuffle_buffer // world_size samples, as the original's pretraining loader); None: a
     uniformly random order over the whole epoch (task loaders).
+
+    `cache`: read remote shards through a node-local shard cache, with the node-stable plan
+    when every node's share fits its bound (`_node_plan`); `ranks_per_node`: the consecutive
+    ranks that share one cache (a node). `plan` names the plan in use.
     """
 
     def __init__(self, sources: list[Source], *, rank: int, world_size: int, micro_batch_size: int, seed: int,
