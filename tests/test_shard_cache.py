@@ -5,10 +5,12 @@ refused (sha256) and downloaded again, racing processes download a shard once, e
 the bound and spares what is being read. Two ranks stand for two nodes (one rank per node)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import multiprocessing as mp
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,9 @@ def test_corrupted_cached_copy_is_refused_and_downloaded_again(cached_config, tm
 
 
 def _race(spec, opts, shard, barrier, queue):
+    from vilbert_ds.data.storage import forget_inherited_filesystems
+
+    forget_inherited_filesystems()  # forked: never touch the parent's S3 session (as loader workers do)
     cache = ShardCache(spec, storage_options=opts, chunk_bytes=64 << 10, parallel=1)
     stats = CacheStats()
     barrier.wait()
@@ -149,11 +154,17 @@ def _race(spec, opts, shard, barrier, queue):
 def test_racing_processes_download_a_shard_once(s3_shards, tmp_path):
     shard = load_source(s3_shards["url"], s3_shards["opts"]).shards[0]
     spec = CacheSpec(str(tmp_path / "race"), 64 << 20)
-    ctx = mp.get_context("spawn")
-    barrier, queue = ctx.Barrier(4), ctx.Queue()
+    ctx = mp.get_context("fork")
+    barrier, queue = ctx.Barrier(5), ctx.Queue()
     procs = [ctx.Process(target=_race, args=(spec, s3_shards["opts"], shard, barrier, queue)) for _ in range(4)]
-    for p in procs:
+    os.makedirs(spec.directory)
+    for p in procs:  # started before the lock is taken: a forked child must not inherit it
         p.start()
+    # the shard's lock held here while the 4 pass the barrier: they queue behind it, then race
+    with open(os.path.join(spec.directory, entry_name(shard) + ".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        barrier.wait()
+        time.sleep(0.5)  # lets them reach the lock (were one late, it would find the copy: still one download)
     results = [queue.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)
