@@ -244,6 +244,7 @@ def test_ranks_of_a_node_share_its_shards_and_reshuffle_them(cached_config):
     (dict(cache_dir="s3://b/c", cache_bytes="1GB"), "data.cache_dir must be a local directory"),
     (dict(cache_dir="/tmp/c", cache_bytes="lots"), "data.cache_bytes: cannot parse byte size"),
     (dict(cache_ranks_per_node=0), "data.cache_ranks_per_node must be an integer >= 1"),
+    (dict(cache_dir="/proc/version/cache", cache_bytes="1GB"), "data.cache_dir: /proc/version/cache is not a directory"),
 ])
 def test_bad_cache_keys_are_refused_in_one_line(bad, message):
     from vilbert_ds.data.config import DataConfig

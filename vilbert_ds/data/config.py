@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,6 +162,17 @@ def _sources(value: Any, key: str) -> str | list[SourceConfig] | None:
     raise ValueError(f"data.{key}: expected a URL string or a non-empty list of sources, got {value!r}")
 
 
+def _check_writable_dir(path: str, key: str) -> None:
+    """`path` is a directory this process can write, or can be created (before any rank starts)."""
+    probe = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{key}: {path} is not a directory ({probe} is a file)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}: {path} is not writable ({probe}: permission denied)")
+
+
 @dataclass
 class DataConfig:
     """Shard streaming (pretraining and task shards alike) and pretraining preprocessing (the
@@ -232,6 +244,7 @@ class DataConfig:
                 raise ValueError(f"data.cache_dir must be a local directory, got {self.cache_dir!r}")
             if self.cache_bytes is None:
                 raise ValueError("data.cache_bytes: set the cache's size bound (e.g. 200GB) with data.cache_dir")
+            _check_writable_dir(self.cache_dir, "data.cache_dir")
         if self.cache_bytes is not None:
             self.cache_bytes = parse_bytes(self.cache_bytes, name="data.cache_bytes")
             if self.cache_bytes <= 0:
