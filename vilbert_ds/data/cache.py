@@ -111,14 +111,13 @@ class ShardCache:
                     stats.hits += 1
                     break
                 fcntl.flock(fd, fcntl.LOCK_EX)  # one downloader per shard; the others wait here
-                if self._check(shard, data, stats):  # another process downloaded it meanwhile
-                    stats.hits += 1
-                else:
+                found = self._check(shard, data, stats)  # another process may have downloaded it meanwhile
+                if not found:
                     self._download(shard, data, stats)
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 if self._stamped(shard, data):
+                    stats.hits += found
                     break
-                stats.hits -= 1  # evicted between the locks: counted again at the next try
             else:
                 raise storage.ShardReadError(shard.url, f"cached copy {data} kept disappearing (evicted while opened)")
             try:
