@@ -213,6 +213,26 @@ class Segment:
     end: int  # one past the last sample
 
 
+def node_shards(sources: Sequence[Source], nodes: int, seed: int) -> list[list[list[int]]]:
+    """The shards each node keeps for the whole run: [node][source] -> shard indices. Each
+    source's shards are dealt largest first to the node with the fewest samples so far (ties:
+    a seeded shuffle, then the lower node), so nodes hold near-equal sample counts. A function
+    of (shard counts, nodes, seed) only: every rank computes the same deal."""
+    out: list[list[list[int]]] = [[[] for _ in sources] for _ in range(nodes)]
+    for j, src in enumerate(sources):
+        counts = [s.count for s in src.manifest.shards]
+        order = np.random.default_rng([seed & 0xFFFFFFFF, j, 0xCAC4E]).permutation(len(counts))
+        load = [0] * nodes
+        for i in sorted((int(i) for i in order if counts[i] > 0), key=lambda i: -counts[i]):  # stable: keeps ties shuffled
+            k = min(range(nodes), key=lambda n: (load[n], n))
+            out[k][j].append(i)
+            load[k] += counts[i]
+    for per_source in out:
+        for ids in per_source:
+            ids.sort()
+    return out
+
+
 class EpochPlan:
     """The ordered segments of one epoch over all sources; `locate(i)` maps a sequence index to
     (shard index, sample index within shard)."""
@@ -273,26 +293,6 @@ class EpochPlan:
         j = bisect.bisect_right(self.starts, index) - 1
         seg = self.segments[j]
         return j, seg.start + index - self.starts[j]
-
-
-def node_shards(sources: Sequence[Source], nodes: int, seed: int) -> list[list[list[int]]]:
-    """The shards each node keeps for the whole run: [node][source] -> shard indices. Each
-    source's shards are dealt largest first to the node with the fewest samples so far (ties:
-    a seeded shuffle, then the lower node), so nodes hold near-equal sample counts. A function
-    of (shard counts, nodes, seed) only: every rank computes the same deal."""
-    out: list[list[list[int]]] = [[[] for _ in sources] for _ in range(nodes)]
-    for j, src in enumerate(sources):
-        counts = [s.count for s in src.manifest.shards]
-        order = np.random.default_rng([seed & 0xFFFFFFFF, j, 0xCAC4E]).permutation(len(counts))
-        load = [0] * nodes
-        for i in sorted((int(i) for i in order if counts[i] > 0), key=lambda i: -counts[i]):  # stable: keeps ties shuffled
-            k = min(range(nodes), key=lambda n: (load[n], n))
-            out[k][j].append(i)
-            load[k] += counts[i]
-    for per_source in out:
-        for ids in per_source:
-            ids.sort()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
