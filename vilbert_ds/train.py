@@ -209,7 +209,8 @@ def run(job: Job, env: DistEnv, loader_factory=None) -> int:
 
         micro = {PRETRAIN_STREAM: sizes.micro}
         factory = loader_factory or build_pretrain_loader
-        streams = {PRETRAIN_STREAM: factory(d, split="train", micro_batch_size=sizes.micro, **where)}
+        streams = {PRETRAIN_STREAM: factory(d, split="train", micro_batch_size=sizes.micro,
+                                            local_world_size=env.local_world_size, **where)}
         flops = {PRETRAIN_STREAM: vilbert_flops(model.config, text_len=d.max_seq_length, regions=d.max_regions + 1,
                                                 masked_tokens=d.mask_prob * (d.max_seq_length - 2),
                                                 masked_regions=d.mask_prob * d.max_regions).train}

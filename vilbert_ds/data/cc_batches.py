@@ -33,6 +33,7 @@ import torch
 
 from . import storage
 from .batch import PretrainBatch
+from .cache import CacheSpec
 from .config import DataConfig
 from .manifest import Manifest, load_source
 from .sample import Sample
@@ -300,8 +301,9 @@ def load_sources(cfg: DataConfig, split: str) -> list[Source]:
 
 
 def build_pretrain_loader(cfg: DataConfig, *, split: str = "train", rank: int, world_size: int,
-                          micro_batch_size: int, seed: int) -> StreamingLoader:
-    """The pretraining Loader of one rank (see `stream.StreamingLoader` for the protocol)."""
+                          micro_batch_size: int, seed: int, local_world_size: int = 1) -> StreamingLoader:
+    """The pretraining Loader of one rank (see `stream.StreamingLoader` for the protocol).
+    `local_world_size`: ranks per node, those that share `data.cache_dir` (the training split)."""
     sources = load_sources(cfg, split)
     manifests = [s.manifest for s in sources]
     pool = cfg.caption_pool or next((m.caption_pool for m in manifests if m.caption_pool), None)
@@ -315,4 +317,6 @@ def build_pretrain_loader(cfg: DataConfig, *, split: str = "train", rank: int, w
         num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor, pin_memory=cfg.pin_memory,
         shuffle=cfg.shuffle and train, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled and train,
         epoch_samples=cfg.epoch_samples if train else None, read=read_options(cfg, manifests), name=split,
+        cache=CacheSpec(cfg.cache_dir, cfg.cache_bytes) if cfg.cache_dir and train else None,
+        ranks_per_node=cfg.cache_ranks_per_node or local_world_size,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,6 +162,17 @@ def _sources(value: Any, key: str) -> str | list[SourceConfig] | None:
     raise ValueError(f"data.{key}: expected a URL string or a non-empty list of sources, got {value!r}")
 
 
+def _check_writable_dir(path: str, key: str) -> None:
+    """`path` is a directory this process can write, or can be created (before any rank starts)."""
+    probe = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{key}: {path} is not a directory ({probe} is a file)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}: {path} is not writable ({probe}: permission denied)")
+
+
 @dataclass
 class DataConfig:
     """Shard streaming (pretraining and task shards alike) and pretraining preprocessing (the
@@ -189,6 +201,11 @@ class DataConfig:
     max_retries: int = 6  # per read, for transient object-store / network errors
     retry_backoff_s: float = 0.25  # first backoff; doubles per retry, capped at 8 s
     on_error: str = "fail"  # "fail": raise on an unreadable shard / corrupt sample; "skip": count, substitute
+    # node-local shard cache for remote shard sets (data/cache.py): each shard downloaded once per
+    # node into cache_dir, and each node keeps the same shards every epoch (when its share fits)
+    cache_dir: str | None = None  # a local directory shared by the node's ranks; None: no cache
+    cache_bytes: int | str | None = None  # the cache's size bound (required with cache_dir)
+    cache_ranks_per_node: int | None = None  # ranks sharing one cache; None: the launcher's ranks per node
 
     # pretraining preprocessing (vilbert_ds/data/cc_batches.py)
     max_seq_length: int = 36  # tokens incl. [CLS] and [SEP]
@@ -222,6 +239,19 @@ class DataConfig:
             raise ValueError("data.max_retries and data.retry_backoff_s must be >= 0")
         if self.epoch_samples is not None and self.epoch_samples <= 0:
             raise ValueError(f"data.epoch_samples must be > 0, got {self.epoch_samples}")
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, str) or not self.cache_dir.strip() or "://" in self.cache_dir:
+                raise ValueError(f"data.cache_dir must be a local directory, got {self.cache_dir!r}")
+            if self.cache_bytes is None:
+                raise ValueError("data.cache_bytes: set the cache's size bound (e.g. 200GB) with data.cache_dir")
+            _check_writable_dir(self.cache_dir, "data.cache_dir")
+        if self.cache_bytes is not None:
+            self.cache_bytes = parse_bytes(self.cache_bytes, name="data.cache_bytes")
+            if self.cache_bytes <= 0:
+                raise ValueError(f"data.cache_bytes must be > 0, got {self.cache_bytes}")
+        if self.cache_ranks_per_node is not None and (isinstance(self.cache_ranks_per_node, bool) or not isinstance(
+                self.cache_ranks_per_node, int) or self.cache_ranks_per_node < 1):
+            raise ValueError(f"data.cache_ranks_per_node must be an integer >= 1 or null, got {self.cache_ranks_per_node!r}")
         if self.on_error not in ("fail", "skip"):
             raise ValueError(f"data.on_error must be 'fail' or 'skip', got {self.on_error!r}")
         if self.max_seq_length < 3:

@@ -3,6 +3,10 @@
 Stages (each a small function or class below):
 1. `EpochPlan`: the epoch's sequence of (shard, sample range) segments, from the manifests of one
    or more weighted sources, shard order shuffled (or resampled) with (seed, epoch). N samples.
+   With a node-local shard cache (`cache.py`) whose bound holds each node's share, the plan is
+   node-stable: the shards are dealt to the nodes once (`node_shards`), and each node's plan
+   covers only its shards (shuffled with (seed, node, epoch)), split over the node's ranks as
+   below, so from the second epoch on a node reads only its local copies.
 2. Rank split: every rank gets the same number of batches B = N // (world_size * micro_batch)
    (the remainder, < world_size * micro_batch samples, is left out of this epoch and changes
    every epoch). Counts come from the manifest, before any byte is read, so no rank can run dry
@@ -62,6 +66,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import hostmem
 from . import storage
+from .cache import CacheSpec, CacheStats, shard_cache
 from .manifest import Manifest, ShardInfo
 from .sample import Sample, SampleError, decode
 from .tario import TarFormatError, parse_sample, split_name
@@ -207,6 +212,26 @@ class Segment:
     shard: int  # index into EpochPlan.shards
     start: int  # first sample (within the shard)
     end: int  # one past the last sample
+
+
+def node_shards(sources: Sequence[Source], nodes: int, seed: int) -> list[list[list[int]]]:
+    """The shards each node keeps for the whole run: [node][source] -> shard indices. Each
+    source's shards are dealt largest first to the node with the fewest samples so far (ties:
+    a seeded shuffle, then the lower node), so nodes hold near-equal sample counts. A function
+    of (shard counts, nodes, seed) only: every rank computes the same deal."""
+    out: list[list[list[int]]] = [[[] for _ in sources] for _ in range(nodes)]
+    for j, src in enumerate(sources):
+        counts = [s.count for s in src.manifest.shards]
+        order = np.random.default_rng([seed & 0xFFFFFFFF, j, 0xCAC4E]).permutation(len(counts))
+        load = [0] * nodes
+        for i in sorted((int(i) for i in order if counts[i] > 0), key=lambda i: -counts[i]):  # stable: keeps ties shuffled
+            k = min(range(nodes), key=lambda n: (load[n], n))
+            out[k][j].append(i)
+            load[k] += counts[i]
+    for per_source in out:
+        for ids in per_source:
+            ids.sort()
+    return out
 
 
 class EpochPlan:
@@ -444,12 +469,19 @@ class StreamStats:
     requests: int = 0
     retries: int = 0
     resumed: int = 0
+    # node-local cache (data/cache.py): whole shards downloaded from the bucket, and cached
+    # copies refused (size / sha256 not the manifest's); `bytes` above are then local reads
+    cache_downloads: int = 0
+    cache_download_bytes: int = 0
+    cache_download_requests: int = 0
+    cache_refused: int = 0
     bad_shards: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # first few messages, for the report
     workers: dict[int, int] = field(default_factory=dict)  # worker pid -> committed bytes at its last batch
 
     def add(self, other: "StreamStats") -> None:
-        for name in ("samples", "substituted", "corrupt", "bytes", "requests", "retries", "resumed"):
+        for name in ("samples", "substituted", "corrupt", "bytes", "requests", "retries", "resumed", "cache_downloads",
+                     "cache_download_bytes", "cache_download_requests", "cache_refused"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.bad_shards.extend(u for u in other.bad_shards if u not in self.bad_shards)
         self.errors.extend(other.errors[: max(0, 20 - len(self.errors))])
@@ -458,6 +490,8 @@ class StreamStats:
     def as_dict(self) -> dict[str, Any]:
         return dict(samples=self.samples, substituted=self.substituted, corrupt=self.corrupt, bytes=self.bytes,
                     requests=self.requests, retries=self.retries, resumed=self.resumed,
+                    cache_downloads=self.cache_downloads, cache_download_bytes=self.cache_download_bytes,
+                    cache_download_requests=self.cache_download_requests, cache_refused=self.cache_refused,
                     bad_shards=list(self.bad_shards), errors=list(self.errors), workers=dict(self.workers))
 
 
@@ -480,6 +514,7 @@ class ReadOptions:
     on_error: str
     feature_dim: int
     num_classes: int | None
+    cache: CacheSpec | None = None  # read remote shards through the node-local cache
 
 
 def _span(chunks: deque, start: int, end: int):
@@ -527,8 +562,23 @@ def read_samples(shard: ShardInfo, local_ids: Sequence[int], opts: ReadOptions, 
         return {i: _Missing(f"{url}: unreadable (skipped)") for i in local_ids}
     rstats = storage.ReadStats()
     try:
-        for run in sample_runs(shard, local_ids):
-            _read_run(shard, run, opts, stats, rstats, url, out)
+        if opts.cache is not None and not storage.is_local(shard.url):
+            cstats = CacheStats()
+            cache = shard_cache(opts.cache, storage_options=opts.storage_options, chunk_bytes=opts.chunk_bytes,
+                                parallel=opts.parallel, retries=opts.retries, backoff_s=opts.backoff_s)
+            try:
+                with cache.open(shard, cstats) as path:
+                    copy = replace(shard, url=path)  # same offsets; read from local disk
+                    for run in sample_runs(copy, local_ids):
+                        _read_run(copy, run, opts, stats, rstats, url, out)
+            finally:
+                stats.cache_downloads += cstats.downloads
+                stats.cache_download_bytes += cstats.download_bytes
+                stats.cache_download_requests += cstats.download_requests
+                stats.cache_refused += cstats.refused
+        else:
+            for run in sample_runs(shard, local_ids):
+                _read_run(shard, run, opts, stats, rstats, url, out)
     except storage.ShardReadError as e:
         if opts.on_error == "fail":
             raise
@@ -835,12 +885,17 @@ class StreamingLoader:
     `shuffle_buffer`: samples shuffled together, summed over ranks (each rank shuffles windows
     of shuffle_buffer // world_size samples, as the original's pretraining loader); None: a
     uniformly random order over the whole epoch (task loaders).
+
+    `cache`: read remote shards through a node-local shard cache, with the node-stable plan
+    when every node's share fits its bound (`_node_plan`); `ranks_per_node`: the consecutive
+    ranks that share one cache (a node). `plan` names the plan in use.
     """
 
     def __init__(self, sources: list[Source], *, rank: int, world_size: int, micro_batch_size: int, seed: int,
                  make_batch, num_workers: int = 2, prefetch_factor: int = 2, pin_memory: bool = False,
                  shuffle: bool = True, shuffle_buffer: int | None = 5000, resampled: bool = False,
-                 epoch_samples: int | None = None, read: ReadOptions, name: str = "train"):
+                 epoch_samples: int | None = None, read: ReadOptions, name: str = "train",
+                 cache: CacheSpec | None = None, ranks_per_node: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if micro_batch_size < 1:
@@ -875,6 +930,7 @@ class StreamingLoader:
                              f"one batch of {micro_batch_size} each")
         self.fingerprint = hashlib.sha256(repr([(s.name, s.count, s.sha256) for src in sources
                                                 for s in src.manifest.shards] + [[src.weight for src in sources]]).encode()).hexdigest()[:16]
+        self._node_plan(cache, ranks_per_node)
         self.epoch = 0
         self._slots: list[list[tuple[int, int]]] = [[(0, self._batches)]]  # unconsumed batches per worker slot
         self._consumed_total = 0  # batches consumed in this epoch (over resumes)
@@ -901,19 +957,20 @@ class StreamingLoader:
         return dict(version=STATE_VERSION, name=self.name, epoch=self.epoch, consumed=self._consumed_total,
                     slots=[[list(r) for r in slot] for slot in self._slots], batches_per_epoch=self._batches,
                     seed=self.seed, world_size=self.world_size, micro_batch_size=self.micro_batch,
-                    fingerprint=self.fingerprint, order=self.order)
+                    fingerprint=self.fingerprint, order=self.order, plan=self.plan)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"{self.name} loader state version {state.get('version')} is not {STATE_VERSION}")
         for key, mine in (("world_size", self.world_size), ("micro_batch_size", self.micro_batch),
                           ("seed", self.seed), ("batches_per_epoch", self._batches), ("fingerprint", self.fingerprint),
-                          ("order", self.order)):
-            theirs = state.get(key, mine) if key == "order" else state.get(key)  # states saved before "order" have none
+                          ("order", self.order), ("plan", self.plan)):
+            # states saved before "order" / "plan" existed have none: the only kinds then
+            theirs = state.get(key, "global" if key == "plan" else mine) if key in ("order", "plan") else state.get(key)
             if theirs != mine:
                 raise ValueError(f"{self.name} loader state has {key}={theirs!r} but this run has {mine!r}: "
-                                 f"a mid-epoch resume needs the same shards, seed, world size, micro-batch and "
-                                 f"sample order (start the next epoch instead: loader.set_epoch(epoch + 1))")
+                                 f"a mid-epoch resume needs the same shards, seed, world size, micro-batch, "
+                                 f"sample order and epoch plan (start the next epoch instead: loader.set_epoch(epoch + 1))")
         self.epoch = int(state["epoch"])
         self._slots = [[(int(a), int(b)) for a, b in slot] for slot in state["slots"]]
         self._consumed_total = int(state["consumed"])
@@ -930,14 +987,65 @@ class StreamingLoader:
             return [list(slot) for slot in self._slots]
         return split_ranges(WorkerRoundRobin(self._slots).merged(), workers)
 
+    def _node_plan(self, cache: CacheSpec | None, ranks_per_node: int) -> None:
+        """Chooses the epoch plan. "global" (no cache, local shards, or a node's share larger
+        than the cache): today's plan over all shards, split by rank. Node-stable (the cache
+        holds each node's share): the shards are dealt to the nodes once (`node_shards`), and
+        each epoch's plan of a node covers its own shards only, shuffled with (seed, node,
+        epoch) and split over the node's ranks; every rank still gets `len(self)` batches.
+        Sets the sources, sample count and layout the workers plan from (`_spec`)."""
+        self.plan = "global"
+        self._plan_sources, self._plan_samples = self.sources, self.epoch_samples
+        self._plan_rank, self._plan_world, self._plan_seed, self._plan_total = (self.rank, self.world_size, self.seed,
+                                                                                 self.epoch_total)
+        if cache is None:
+            return
+        say = log.warning if self.rank == 0 else log.debug  # every rank decides alike; one says why
+        if all(storage.is_local(s.url) for src in self.sources for s in src.manifest.shards):
+            say("%s: data.cache_dir unused: the shards are on local disk already", self.name)
+            return
+        if ranks_per_node < 1 or self.world_size % ranks_per_node:
+            say("%s: data.cache_dir unused: %d ranks do not form nodes of %d ranks", self.name, self.world_size,
+                ranks_per_node)
+            return
+        nodes = self.world_size // ranks_per_node
+        dealt = node_shards(self.sources, nodes, self.seed)
+        shares = [sum(src.manifest.shards[i].bytes for src, ids in zip(self.sources, per_source) for i in ids)
+                  for per_source in dealt]
+        lacking = [(k, src.manifest.url) for k, per_source in enumerate(dealt)
+                   for src, ids in zip(self.sources, per_source) if not ids and any(s.count for s in src.manifest.shards)]
+        if lacking:
+            k, url = lacking[0]
+            say("%s: data.cache_dir unused, reading from the bucket with the global plan: %d nodes but node %d "
+                "gets no shard of %s (fewer shards than nodes)", self.name, nodes, k, storage.safe_url(url))
+            return
+        if max(shares) > cache.max_bytes:
+            say("%s: data.cache_dir unused, reading from the bucket with the global plan: a node's share of the "
+                "shards is %.1f MB, over data.cache_bytes = %.1f MB", self.name, max(shares) / 1e6,
+                cache.max_bytes / 1e6)
+            return
+        node, local = divmod(self.rank, ranks_per_node)
+        self.plan = f"node-stable: {nodes} nodes x {ranks_per_node} ranks"
+        self._plan_sources = [Source(replace(src.manifest, shards=[src.manifest.shards[i] for i in ids]), src.weight)
+                              for src, ids in zip(self.sources, dealt[node])]
+        self._plan_samples = self._plan_total = ranks_per_node * self._batches * self.micro_batch
+        self._plan_rank, self._plan_world = local, ranks_per_node
+        self._plan_seed = int.from_bytes(hashlib.blake2b(f"{self.seed}/node{node}".encode(), digest_size=4).digest(),
+                                         "little")
+        self.read = replace(self.read, cache=cache)
+        if self.rank == 0:
+            log.info("%s: node-local shard cache in %s: each node keeps its %d-%d shards (%.1f MB at most) every epoch",
+                     self.name, cache.directory, min(sum(map(len, d)) for d in dealt),
+                     max(sum(map(len, d)) for d in dealt), max(shares) / 1e6)
+
     def _layout(self) -> RankLayout:
-        return RankLayout(total=self.epoch_total, rank=self.rank, world_size=self.world_size,
+        return RankLayout(total=self._plan_total, rank=self._plan_rank, world_size=self._plan_world,
                           micro_batch=self.micro_batch, window=self.window, shuffle=self.shuffle,
-                          seed=self.seed, epoch=self.epoch, group=self.group)
+                          seed=self._plan_seed, epoch=self.epoch, group=self.group)
 
     def _spec(self, **workers) -> StreamSpec:
-        return StreamSpec(sources=self.sources, layout=self._layout(), resampled=self.resampled,
-                          epoch_samples=self.epoch_samples, read=self.read, make_batch=self.make_batch, **workers)
+        return StreamSpec(sources=self._plan_sources, layout=self._layout(), resampled=self.resampled,
+                          epoch_samples=self._plan_samples, read=self.read, make_batch=self.make_batch, **workers)
 
     def _worker_loader(self, blocks: list[list[tuple[int, int]]]) -> DataLoader:
         """The persistent DataLoader with this iteration's (epoch, blocks) written to its control
@@ -998,6 +1106,9 @@ class StreamingLoader:
         msg = (f"{self.name} epoch {self.epoch} rank {self.rank}: {r.samples} samples, {r.bytes / 1e6:.1f} MB, "
                f"{r.requests} requests, {r.retries} retries, {r.resumed} resumed connections, {r.corrupt} corrupt "
                f"samples, {len(r.bad_shards)} unreadable shards, {r.substituted} substituted samples")
+        if self.read.cache is not None:  # `bytes` were then local reads; these came from the bucket
+            msg += (f"; shard cache: {r.cache_downloads} shards downloaded ({r.cache_download_bytes / 1e6:.1f} MB, "
+                    f"{r.cache_download_requests} requests), {r.cache_refused} cached copies refused")
         if mine is not None:
             msg += (f"; host memory: rank {mine}, loader workers "
                     + (", ".join(f"pid {pid} {c / 2**20:.0f} MiB" for pid, c in sorted(r.workers.items())) or "none")
