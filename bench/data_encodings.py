@@ -58,6 +58,7 @@ VARIANTS = {
     "e4m3 + topk:16": Encoding("e4m3", 16),
     "float16 + topk:16": Encoding("float16", 16),
     "int8 + topk:4": Encoding("int8", 4),
+    "int8 + topk:32": Encoding("int8", 32),
     "int8 + topk:64": Encoding("int8", 64),
 }
 LEARNING_VARIANTS = ("float16", "int8 + topk:16", "e4m3 + topk:16", "int8 + topk:4", "int8 + topk:64")
@@ -259,21 +260,24 @@ def evaluate_full_targets(run_dir: Path, cfg: dict[str, Any], manifest: Path, ba
     return {"masked_region_loss_full_target": float(np.mean(mr)), "alignment_acc_eval": correct / max(picked, 1)}
 
 
-def learning(root: Path, steps: int, seeds: tuple[int, ...], timeout: float) -> dict[str, dict[str, Any]]:
+def learning(root: Path, steps: int, seeds: tuple[int, ...], timeout: float,
+             variants: tuple[str, ...] = LEARNING_VARIANTS) -> dict[str, dict[str, Any]]:
     """The demo's pretraining (config, DeepSpeed settings, 640 images x 12 regions, 8 classes) on
-    1 rank for `steps` updates, per encoding and training seed; shards from one synthetic input."""
+    1 rank for `steps` updates, per encoding and training seed; shards from one synthetic input
+    (the same for every call: float16 is always built, it is the evaluation set)."""
     import yaml
 
     from vilbert_ds.assets import minilm_dir
     from vilbert_ds.commands.demo import DEMO_DS_CONFIG
     from vilbert_ds.config import PACKAGED_CONFIGS
 
-    sets = build_variants(root / "shards", 640, 12, {k: VARIANTS[k] for k in LEARNING_VARIANTS}, max_count=64)
+    sets = build_variants(root / "shards", 640, 12, {k: VARIANTS[k] for k in ("float16", *variants)}, max_count=64)
     (root / "ds_config.json").write_text(json.dumps(DEMO_DS_CONFIG, indent=2))
     env = dict(os.environ, WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu",
                OMP_NUM_THREADS="1")
     out: dict[str, dict[str, Any]] = {}
-    for name, manifest in sets.items():
+    for name in variants:
+        manifest = sets[name]
         for seed in seeds:
             run_dir = root / "runs" / f"{manifest.parent.name}-seed{seed}"
             cfg = yaml.safe_load((PACKAGED_CONFIGS / "demo.yaml").read_text())
@@ -347,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learning", action="store_true", help="also the demo pretraining per encoding")
     p.add_argument("--steps", type=int, default=300, help="updates per learning run")
     p.add_argument("--seeds", default="42,43", help="training seeds per learning run")
+    p.add_argument("--learn-variants", default=",".join(LEARNING_VARIANTS),
+                   help=f"encodings trained with --learning, comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per learning run")
     p.add_argument("--topk-from", default=None, help="also sweep k on this float16 shard set (manifest URL)")
     p.add_argument("--topk-samples", type=int, default=512)
@@ -367,8 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_encodings:
             r["encodings"] = per_encoding(root / "enc", images, repeats)
         if args.learning:
+            names = tuple(v.strip() for v in args.learn_variants.split(","))
+            unknown = [v for v in names if v not in VARIANTS]
+            if unknown:
+                raise SystemExit(f"--learn-variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
             r["learning"] = learning(root / "learn", args.steps, tuple(int(s) for s in args.seeds.split(",")),
-                                     args.timeout)
+                                     args.timeout, names)
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
