@@ -181,6 +181,27 @@ def test_a_corrupt_encoded_sample_is_named(sets, tmp_path, name, ext, value, mes
     assert key in out and message in out
 
 
+def test_edge_records_round_trip():
+    """An all-zero region stays zero, negative features keep their sign, k >= C keeps every class,
+    and a record with NaN cls_prob is refused by name before top-k drops the NaN."""
+    from vilbert_ds.data.sample import FeatureRecord, decode, encode
+
+    feats = np.zeros((3, 8), np.float32)
+    feats[1] = np.linspace(-3, 5, 8)
+    feats[2, 0] = 1e3
+    cls = np.array([[0.5, 0.25, 0.25, 0, 0], [1, 0, 0, 0, 0], [0.2] * 5], np.float32)
+    record = FeatureRecord(image_id="7", image_w=10, image_h=10, boxes=np.zeros((3, 4), np.float32), features=feats,
+                           cls_prob=cls, source="t.tsv:1")
+    for enc in (Encoding("int8", 16), Encoding("e4m3", 16)):
+        s = decode("k", dict(encode(record, "k", feature_dim=8, encoding=enc)), "w", feature_dim=8, num_classes=5)
+        assert not s.features[0].any() and s.features[2, 0] == 1e3 and not s.features[2, 1:].any()
+        assert np.allclose(s.features[1], feats[1], atol=5 / 16) and (np.sign(s.features[1]) == np.sign(feats[1])).all()
+        assert np.allclose(s.cls_prob.astype(np.float32), cls, atol=1e-3)  # k=16 >= 5 classes: everything kept
+    record.cls_prob = np.where(cls == 0, np.nan, cls)
+    with pytest.raises(SampleError, match=r"t.tsv:1 \(image_id 7\): cls_prob has NaN"):
+        encode(record, "k", feature_dim=8, encoding=Encoding("int8", 2))
+
+
 def test_e4m3_table_matches_torch():
     import torch
 

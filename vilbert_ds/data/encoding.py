@@ -13,7 +13,9 @@ sample of it then carries these members instead of the float16 ones (docs/DESIGN
 
 Error bounds (per region r with absmax a_r = max |x| over its D values):
 - int8: symmetric, scale s_r = float16(a_r / 127), q = round(x / s_r); |x - x'| <= s_r / 2 plus the
-  float16 rounding of x' (2^-11 relative): at most a_r / 254 + a_r / 2048.
+  float16 rounding of s_r and of x' (2^-11 relative each): at most a_r / 254 + a_r / 1024. For
+  a_r < 127 * 2^-14 (~0.008) s_r is a float16 subnormal and only the absolute error stays that
+  small (an all-zero region decodes to zeros).
 - e4m3: scale s_r = float16(a_r / 448) (448 is e4m3's largest finite value), 3 mantissa bits:
   |x - x'| <= |x| / 16 for |x| >= 2^-6 s_r, else <= 2^-10 s_r (subnormals), plus float16 rounding.
 - topk:K: the decoded target q is p restricted to its K largest classes and renormalised; with M
