@@ -4,6 +4,7 @@ the float16 arrays, each within its stated error against float16 shards of the s
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -144,10 +145,15 @@ def test_rebuild_with_another_encoding_is_refused_then_replaced(sets, tmp_path, 
     assert json.loads((out / "manifest.json").read_text())["encoding"]["features"] == "int8"
 
 
-def test_verify_accepts_encoded_shards(sets, capsys):
+def test_verify_accepts_encoded_shards_and_inspect_shows_both_forms(sets, capsys):
     for name in ("int8", "e4m3"):
         assert cli(["shards", "verify", str(sets[name] / "manifest.json"), "--quiet"]) == 0
     assert "16 samples verified" in capsys.readouterr().out
+    assert cli(["shards", "inspect", str(sets["int8"]), "--index", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "features_int8.npy" in out and "int8[" in out and "cls_prob_topk_classes.npy" in out
+    assert re.search(r"decoded features +float16\[\d+, 2048\]", out), out
+    assert re.search(r"decoded cls_prob +float16\[\d+, 1601\] .*max 0\.\d+ .*topk:16", out), out
 
 
 def _corrupt(src: Path, dst: Path, ext: str, value: bytes) -> str:

@@ -237,7 +237,7 @@ def _inspect(args: argparse.Namespace) -> int:
     opts = _storage_options(args)
     m = load_source(source, opts, retries=2)
     shard, i, start = _locate(m, opts, index=args.index, key=args.key)
-    for line in _describe(shard, i, start, opts, m.num_samples):
+    for line in _describe(shard, i, start, opts, m.num_samples, m):
         print(line)
     return 0
 
@@ -264,12 +264,13 @@ def _locate(m, opts: dict, *, index: int | None, key: str | None):
     raise CommandError(f"--key {key!r}: no such sample in {len(m.shards)} shard(s) of {m.url}")
 
 
-def _describe(shard, i: int, first: int, opts: dict, total: int) -> list[str]:
+def _describe(shard, i: int, first: int, opts: dict, total: int, manifest=None) -> list[str]:
     """Lines describing sample i of a shard: every member with its size, the JSON members'
-    content, the .npy members' dtype, shape and value range, and the caption."""
+    content, the .npy members' dtype, shape and value range, and the caption; for a compactly
+    encoded set also the arrays readers decode it into."""
     import numpy as np
 
-    from ..data.sample import npy_array
+    from ..data.sample import SampleError, decode, npy_array
     from ..data.storage import RangeReader, safe_url
     from ..data.tario import parse_sample, split_name
 
@@ -300,5 +301,17 @@ def _describe(shard, i: int, first: int, opts: dict, total: int) -> list[str]:
             lines.append(f"  {member.name:<40} {size:>9} B  {text if len(text) <= 300 else text[:297] + '...'}")
         else:
             lines.append(f"  {member.name:<40} {size:>9} B")
+    if manifest is not None and not manifest.encoding.is_default:
+        try:
+            sample = decode(key, {split_name(m.name)[1]: m.data for m in members}, where,
+                            feature_dim=manifest.feature_dim, num_classes=manifest.num_classes)
+        except SampleError as e:  # the members above are still worth seeing
+            lines.append(f"  decoded: {e}")
+            sample = None
+        for name, arr in (("features", sample.features), ("cls_prob", sample.cls_prob)) if sample else ():
+            if arr is not None:
+                values = arr.astype(np.float64)
+                lines.append(f"  decoded {name:<32} {arr.dtype}{list(arr.shape)}  min {values.min():.4g}  "
+                             f"max {values.max():.4g}  mean {values.mean():.4g}  ({manifest.encoding})")
     lines.append(f"caption: {caption if caption is not None else '(none)'}")
     return lines
