@@ -2,6 +2,7 @@
 
     vilbert-ds shards synth  --out DIR --format tsv --images 64
     vilbert-ds shards build  --format tsv --input DIR/features.tsv.0 --captions DIR/captions.json --output OUT
+    vilbert-ds shards build  ... --feature-encoding int8 --cls-prob-encoding topk:16   # compact: ~3x fewer bytes
     vilbert-ds shards verify OUT/manifest.json
     vilbert-ds shards inspect OUT/manifest.json --index 0           # or --key KEY; local or s3://
     vilbert-ds shards manifest --format tsv --input ... --output OUT   # after a SLURM array built every slice
@@ -79,6 +80,13 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-bad-record", default="fail", choices=("fail", "skip"),
                    help="a record that cannot be read: fail naming it, or skip it (each listed in dropped.txt) "
                         "(default: %(default)s)")
+    # plain strings, checked by Encoding.parse: an unknown name is refused in one line (exit 2)
+    p.add_argument("--feature-encoding", default="float16", metavar="{float16,int8,e4m3}",
+                   help="region features as float16, or 8 bits with a float16 scale per region: int8 (symmetric, "
+                        "absmax/127) or e4m3 (float8) (default: %(default)s)")
+    p.add_argument("--cls-prob-encoding", default="float16", metavar="{float16,topk:K}",
+                   help="detector class distribution as float16, or its K largest classes (the KL target is "
+                        "renormalised over them when read) (default: %(default)s)")
     p.add_argument("--rebuild", action="store_true",
                    help="replace shards another build (other input or arguments) left in --output instead of "
                         "refusing them; finished shards of this build are kept")
@@ -126,10 +134,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _builder(args):
+    from ..data.encoding import Encoding
     from ..data.formats import Captions, open_input
     from ..data.writer import BuildConfig, ShardBuilder
 
-    cfg = BuildConfig(output=args.output, prefix=args.prefix, max_count=args.max_count, max_bytes=args.max_bytes,
+    encoding = Encoding.parse(args.feature_encoding, args.cls_prob_encoding)
+    cfg = BuildConfig(encoding=encoding, output=args.output, prefix=args.prefix, max_count=args.max_count, max_bytes=args.max_bytes,
                       workers=getattr(args, "workers", 1), num_slices=getattr(args, "num_slices", 1),
                       slice_index=getattr(args, "slice_index", 0), feature_dim=args.feature_dim,
                       num_classes=args.num_classes, missing_caption=args.missing_caption,
@@ -149,6 +159,7 @@ def main(args: argparse.Namespace) -> int:
     for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from ..data.config import CredentialsInURLError
+    from ..data.encoding import EncodingError
     from ..data.formats import InputError
     from ..data.manifest import ManifestError
     from ..data.sample import SampleError
@@ -160,7 +171,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (InputError, ManifestError, SampleError, BuildError, CommandError, ShardReadError, TarFormatError,
-            CredentialsInURLError) as e:
+            CredentialsInURLError, EncodingError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the environment (an unreadable input file, a full disk): one line, not a traceback
@@ -226,7 +237,7 @@ def _inspect(args: argparse.Namespace) -> int:
     opts = _storage_options(args)
     m = load_source(source, opts, retries=2)
     shard, i, start = _locate(m, opts, index=args.index, key=args.key)
-    for line in _describe(shard, i, start, opts, m.num_samples):
+    for line in _describe(shard, i, start, opts, m.num_samples, m):
         print(line)
     return 0
 
@@ -253,12 +264,13 @@ def _locate(m, opts: dict, *, index: int | None, key: str | None):
     raise CommandError(f"--key {key!r}: no such sample in {len(m.shards)} shard(s) of {m.url}")
 
 
-def _describe(shard, i: int, first: int, opts: dict, total: int) -> list[str]:
+def _describe(shard, i: int, first: int, opts: dict, total: int, manifest=None) -> list[str]:
     """Lines describing sample i of a shard: every member with its size, the JSON members'
-    content, the .npy members' dtype, shape and value range, and the caption."""
+    content, the .npy members' dtype, shape and value range, and the caption; for a compactly
+    encoded set also the arrays readers decode it into."""
     import numpy as np
 
-    from ..data.sample import npy_array
+    from ..data.sample import SampleError, decode, npy_array
     from ..data.storage import RangeReader, safe_url
     from ..data.tario import parse_sample, split_name
 
@@ -289,5 +301,17 @@ def _describe(shard, i: int, first: int, opts: dict, total: int) -> list[str]:
             lines.append(f"  {member.name:<40} {size:>9} B  {text if len(text) <= 300 else text[:297] + '...'}")
         else:
             lines.append(f"  {member.name:<40} {size:>9} B")
+    if manifest is not None and not manifest.encoding.is_default:
+        try:
+            sample = decode(key, {split_name(m.name)[1]: m.data for m in members}, where,
+                            feature_dim=manifest.feature_dim, num_classes=manifest.num_classes)
+        except SampleError as e:  # the members above are still worth seeing
+            lines.append(f"  decoded: {e}")
+            sample = None
+        for name, arr in (("features", sample.features), ("cls_prob", sample.cls_prob)) if sample else ():
+            if arr is not None:
+                values = arr.astype(np.float64)
+                lines.append(f"  decoded {name:<32} {arr.dtype}{list(arr.shape)}  min {values.min():.4g}  "
+                             f"max {values.max():.4g}  mean {values.mean():.4g}  ({manifest.encoding})")
     lines.append(f"caption: {caption if caption is not None else '(none)'}")
     return lines

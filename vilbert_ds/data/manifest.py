@@ -5,6 +5,9 @@ the byte offset of every sample (`offsets`, length count + 1: the last entry is 
 end-of-archive marker starts). `{prefix}-{shard:06d}.stats.json` beside each tar carries the
 same shard entry plus the sample keys and region statistics, so a set can also be addressed by
 a brace pattern of tar URLs without its manifest.
+
+`encoding` says how the samples store features and cls_prob (data/encoding.py); a manifest
+without it (written before compact encodings existed) is float16 throughout.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import storage
+from .encoding import Encoding, EncodingError
 
 MANIFEST_FORMAT = "vilbert-ds-shards"
 MANIFEST_VERSION = 1
@@ -63,6 +67,7 @@ class Manifest:
     caption_pool: str | None = None  # URL of the JSON caption list used for negatives
     regions: dict[str, Any] = field(default_factory=dict)  # min/max/mean num_boxes
     build: dict[str, Any] = field(default_factory=dict)  # build arguments (secrets redacted)
+    encoding: Encoding = Encoding()  # how samples store features / cls_prob; readers decode either way
     url: str = ""  # where this manifest was read from
 
     @property
@@ -82,6 +87,7 @@ class Manifest:
             num_bytes=self.num_bytes,
             feature_dim=self.feature_dim,
             num_classes=self.num_classes,
+            encoding=self.encoding.to_json(),
             caption_pool=self.caption_pool,
             regions=self.regions,
             build=self.build,
@@ -117,7 +123,15 @@ class Manifest:
         pool = d.get("caption_pool")
         return cls(shards=shards, feature_dim=int(d.get("feature_dim", 2048)), num_classes=d.get("num_classes"),
                    caption_pool=storage.join(base, pool) if pool and "://" not in pool and not pool.startswith("/") else pool,
-                   regions=d.get("regions", {}), build=d.get("build", {}), url=url)
+                   regions=d.get("regions", {}), build=d.get("build", {}), encoding=read_encoding(d, url), url=url)
+
+
+def read_encoding(d: dict[str, Any], url: str) -> Encoding:
+    """The `encoding` field of a manifest or shard stats (absent: float16)."""
+    try:
+        return Encoding.from_json(d.get("encoding"))
+    except EncodingError as e:
+        raise ManifestError(f"{storage.safe_url(url)}: {e} (written by a newer vilbert-ds?)") from None
 
 
 def expand_urls(pattern: str) -> list[str]:
@@ -153,13 +167,14 @@ def load_source(url: str, storage_options: dict | None = None, **retry) -> Manif
             raise ManifestError(f"{storage.safe_url(url)}: access denied ({e})") from None
         return Manifest.from_json(data, url)
     urls = expand_urls(url)
-    shards, feature_dim, num_classes, pool = [], 2048, None, None
+    shards, feature_dim, num_classes, pool, encodings = [], 2048, None, None, set()
     for tar_url in urls:
         st = load_stats(tar_url, storage_options, **retry)
         shards.append(ShardInfo(name=st["name"], count=int(st["count"]), bytes=int(st["bytes"]),
                                 offsets=list(st["offsets"]), sha256=st.get("sha256", ""), url=tar_url))
         feature_dim = int(st.get("feature_dim", feature_dim))
         num_classes = st.get("num_classes", num_classes)
+        encodings.add(read_encoding(st, stats_name(tar_url)))
     # a caption pool beside the shards is used when present (written by `shards build`)
     candidate = storage.join(storage.dirname(urls[0]), "captions.json") if urls else None
     if candidate:
@@ -168,4 +183,8 @@ def load_source(url: str, storage_options: dict | None = None, **retry) -> Manif
                 pool = candidate
         except Exception:  # noqa: BLE001 - a pool is optional here; the loader reports if it needs one
             pool = None
-    return Manifest(shards=shards, feature_dim=feature_dim, num_classes=num_classes, caption_pool=pool, url=url)
+    if len(encodings) > 1:  # each sample decodes on its own, but a set is one encoding (as its manifest says)
+        raise ManifestError(f"{url}: the shards were built with different encodings "
+                            f"({'; '.join(sorted(map(str, encodings)))})")
+    return Manifest(shards=shards, feature_dim=feature_dim, num_classes=num_classes, caption_pool=pool,
+                    encoding=encodings.pop() if encodings else Encoding(), url=url)

@@ -8,6 +8,10 @@ Layout of a sample with key K (docs/DESIGN.md section 3):
 | `K.features.npy` | float16 `[N, D]` region features (D = 2048; N = num_boxes, no global region) |
 | `K.boxes.npy` | float32 `[N, 4]` absolute x1 y1 x2 y2 in pixels |
 | `K.cls_prob.npy` | float16 `[N, 1601]` detector class distribution (only when the input has it) |
+
+A set built with a compact encoding (data/encoding.py, recorded in its manifest) carries 8-bit
+features and/or top-k cls_prob members instead; `decode` turns them back into the float16 arrays
+above, so nothing after it knows the difference.
 """
 from __future__ import annotations
 
@@ -19,11 +23,16 @@ from typing import Any
 
 import numpy as np
 
+from .encoding import (CLS_PROB_TOPK_CLASSES, CLS_PROB_TOPK_VALUES, ENCODED_MEMBERS, FEATURES_E4M3, FEATURES_INT8,
+                       FEATURES_SCALE, Encoding, decode_cls_prob, decode_features, quantize_features, topk_cls_prob)
+
 FEATURES = "features.npy"
 BOXES = "boxes.npy"
 CLS_PROB = "cls_prob.npy"
 META = "json"
 MEMBER_ORDER = (META, FEATURES, BOXES, CLS_PROB)  # members are written in this order
+# members `decode` consumes; any other member is passed on undecoded in `Sample.extra`
+DECODED_MEMBERS = frozenset(MEMBER_ORDER + ENCODED_MEMBERS)
 
 
 class SampleError(ValueError):
@@ -123,8 +132,10 @@ def all_finite(arr: np.ndarray) -> bool:
     return bool(np.isfinite(arr).all())
 
 
-def encode(record: FeatureRecord, key: str, feature_dim: int = 2048) -> list[tuple[str, bytes]]:
-    """The tar members of a record, in MEMBER_ORDER. Validates shapes first."""
+def encode(record: FeatureRecord, key: str, feature_dim: int = 2048,
+           encoding: Encoding = Encoding()) -> list[tuple[str, bytes]]:
+    """The tar members of a record: META, the features (float16, or 8-bit codes + scales), BOXES,
+    the cls_prob (float16, or top-k values + classes). Validates shapes first."""
     n = record.num_boxes
     where = f"{record.source} (image_id {record.image_id})" if record.source else f"image {record.image_id}"
     if n == 0:
@@ -146,10 +157,18 @@ def encode(record: FeatureRecord, key: str, feature_dim: int = 2048) -> list[tup
     feats = record.features.astype(np.float16)
     if not all_finite(feats):
         raise SampleError(f"{where}: features have NaN/Inf (or values beyond float16 range, |x| > 65504)")
-    members.append((FEATURES, npy_bytes(feats)))
+    if encoding.features == "float16":
+        members.append((FEATURES, npy_bytes(feats)))
+    else:
+        members += [(ext, npy_bytes(arr)) for ext, arr in quantize_features(record.features, encoding.features)]
     members.append((BOXES, npy_bytes(record.boxes.astype(np.float32))))
     if record.cls_prob is not None:
-        members.append((CLS_PROB, npy_bytes(record.cls_prob.astype(np.float16))))
+        if encoding.cls_prob_topk is None:
+            members.append((CLS_PROB, npy_bytes(record.cls_prob.astype(np.float16))))
+        else:
+            if not np.isfinite(record.cls_prob).all() or (record.cls_prob < 0).any():
+                raise SampleError(f"{where}: cls_prob has NaN/Inf or negative values (top-k needs probabilities)")
+            members += [(ext, npy_bytes(arr)) for ext, arr in topk_cls_prob(record.cls_prob, encoding.cls_prob_topk)]
     return members
 
 
@@ -174,15 +193,21 @@ class Sample:
 
 def decode(key: str, members: dict[str, bytes], where: str, *, feature_dim: int = 2048,
            num_classes: int | None = None, check_finite: bool = True) -> Sample:
-    """Decodes and validates one sample; `where` names shard and key in errors."""
-    missing = [m for m in (META, FEATURES, BOXES) if m not in members]
+    """Decodes and validates one sample; `where` names shard and key in errors. Compact members
+    (8-bit features, top-k cls_prob) are decoded into the float16 arrays; top-k needs
+    `num_classes` (the manifest's)."""
+    has_features = FEATURES in members or FEATURES_INT8 in members or FEATURES_E4M3 in members
+    missing = [m for m in (META, FEATURES, BOXES) if m not in members and (m != FEATURES or not has_features)]
     if missing:
         raise SampleError(f"{where}: missing member(s) {', '.join(missing)} (has {', '.join(sorted(members)) or 'none'})")
     try:
         meta = json.loads(bytes(members[META]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SampleError(f"{where}: {META} member is not valid JSON ({e})") from None
-    feats = npy_array(members[FEATURES], f"{where}.{FEATURES}")
+    if FEATURES in members:
+        feats = npy_array(members[FEATURES], f"{where}.{FEATURES}")
+    else:
+        feats = _features(members, where, feature_dim)
     boxes = npy_array(members[BOXES], f"{where}.{BOXES}")
     n = meta.get("num_boxes")
     if feats.dtype != np.float16 or feats.ndim != 2 or feats.shape[1] != feature_dim:
@@ -198,9 +223,57 @@ def decode(key: str, members: dict[str, bytes], where: str, *, feature_dim: int 
                 num_classes is not None and cls_prob.shape[1] != num_classes):
             raise SampleError(f"{where}: cls_prob {cls_prob.dtype}{list(cls_prob.shape)}, expected "
                               f"float16[{feats.shape[0]}, {num_classes or 'C'}]")
+    elif CLS_PROB_TOPK_VALUES in members or CLS_PROB_TOPK_CLASSES in members:
+        cls_prob = _topk_cls_prob(members, where, feats.shape[0], num_classes)
     if check_finite:
         for name, arr in ((FEATURES, feats), (BOXES, boxes), (CLS_PROB, cls_prob)):
             if arr is not None and not all_finite(arr):
                 raise SampleError(f"{where}: {name} contains NaN/Inf")
-    extra = {ext: data for ext, data in members.items() if ext not in MEMBER_ORDER}
+    extra = {ext: data for ext, data in members.items() if ext not in DECODED_MEMBERS}
     return Sample(key=key, meta=meta, features=feats, boxes=boxes, cls_prob=cls_prob, extra=extra)
+
+
+def _features(members: dict[str, bytes], where: str, feature_dim: int) -> np.ndarray:
+    """float16 `[N, D]` from 8-bit codes `[N, D]` (int8, or uint8 e4m3 bits) and float16 scales `[N]`."""
+    ext, dtype = (FEATURES_INT8, np.int8) if FEATURES_INT8 in members else (FEATURES_E4M3, np.uint8)
+    if FEATURES_SCALE not in members:
+        raise SampleError(f"{where}: {ext} without its {FEATURES_SCALE} member")
+    codes = npy_array(members[ext], f"{where}.{ext}")
+    scale = npy_array(members[FEATURES_SCALE], f"{where}.{FEATURES_SCALE}")
+    if codes.dtype != dtype or codes.ndim != 2 or codes.shape[1] != feature_dim:
+        raise SampleError(f"{where}: {ext} {codes.dtype}{list(codes.shape)}, expected "
+                          f"{np.dtype(dtype)}[N, {feature_dim}]")
+    if scale.dtype != np.float16 or scale.shape != (codes.shape[0],):
+        raise SampleError(f"{where}: {FEATURES_SCALE} {scale.dtype}{list(scale.shape)}, expected "
+                          f"float16[{codes.shape[0]}]")
+    if not all_finite(scale) or (scale < 0).any():
+        raise SampleError(f"{where}: {FEATURES_SCALE} has NaN/Inf or negative values")
+    if dtype == np.uint8 and ((codes & 0x7F) == 0x7F).any():  # e4m3fn's only non-finite codes
+        raise SampleError(f"{where}: {ext} holds NaN codes (0x7f/0xff)")
+    return decode_features({ext: codes, FEATURES_SCALE: scale})
+
+
+def _topk_cls_prob(members: dict[str, bytes], where: str, n: int, num_classes: int | None) -> np.ndarray:
+    """float16 `[N, C]` from top-k values (float16 `[N, k]`) and classes (uint16 `[N, k]`)."""
+    for ext in (CLS_PROB_TOPK_VALUES, CLS_PROB_TOPK_CLASSES):
+        if ext not in members:
+            raise SampleError(f"{where}: top-k cls_prob without its {ext} member")
+    if num_classes is None:
+        raise SampleError(f"{where}: top-k cls_prob needs the shard set's num_classes (its manifest's) to decode")
+    values = npy_array(members[CLS_PROB_TOPK_VALUES], f"{where}.{CLS_PROB_TOPK_VALUES}")
+    classes = npy_array(members[CLS_PROB_TOPK_CLASSES], f"{where}.{CLS_PROB_TOPK_CLASSES}")
+    if values.dtype != np.float16 or values.ndim != 2 or values.shape[0] != n or values.shape[1] > num_classes:
+        raise SampleError(f"{where}: {CLS_PROB_TOPK_VALUES} {values.dtype}{list(values.shape)}, expected float16[{n}, k] "
+                          f"with k <= {num_classes}")
+    if classes.dtype != np.uint16 or classes.shape != values.shape:
+        raise SampleError(f"{where}: {CLS_PROB_TOPK_CLASSES} {classes.dtype}{list(classes.shape)}, expected "
+                          f"uint16{list(values.shape)}")
+    if not all_finite(values) or (values < 0).any():
+        raise SampleError(f"{where}: {CLS_PROB_TOPK_VALUES} has NaN/Inf or negative values")
+    if classes.size and int(classes.max()) >= num_classes:
+        raise SampleError(f"{where}: {CLS_PROB_TOPK_CLASSES} holds class {int(classes.max())}, beyond the set's "
+                          f"{num_classes} classes")
+    ordered = np.sort(classes, axis=1)
+    if (ordered[:, 1:] == ordered[:, :-1]).any():
+        raise SampleError(f"{where}: {CLS_PROB_TOPK_CLASSES} repeats a class within a region")
+    return decode_cls_prob(values, classes, num_classes)

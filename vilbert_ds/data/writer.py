@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 from . import storage
 from .config import parse_bytes, redact
+from .encoding import Encoding
 from .formats import BadRecord, Captions, FeatureInput, InputError
 from .manifest import MANIFEST_NAME, Manifest, ManifestError, ShardInfo, shard_name, stats_name
 from .sample import FeatureRecord, SampleError, encode, key_for
@@ -134,6 +135,7 @@ class BuildConfig:
     slice_index: int = 0
     feature_dim: int = 2048
     num_classes: int = 1601
+    encoding: Encoding = Encoding()  # float16 throughout, or compact (8-bit features, top-k cls_prob)
     missing_caption: str = "fail"  # fail | skip (drop the image, counted) | none (no caption: task features)
     on_bad_record: str = "fail"  # fail | skip (counted in the shard stats and the summary)
     rebuild: bool = False  # replace shards of another build (other input or arguments) instead of refusing
@@ -305,7 +307,7 @@ class ShardBuilder:
                                  f"for task features")
             return None
         key = key_for(record.image_id)
-        return key, encode(record, key, feature_dim=self.cfg.feature_dim)
+        return key, encode(record, key, feature_dim=self.cfg.feature_dim, encoding=self.cfg.encoding)
 
     def plan(self) -> int:
         t0 = time.time()
@@ -350,6 +352,8 @@ class ShardBuilder:
                 records=len(self.handles), samples_per_shard=self.per_shard, prefix=cfg.prefix,
                 max_count=cfg.max_count, max_bytes=cfg.max_bytes, feature_dim=cfg.feature_dim,
                 num_classes=cfg.num_classes, captionless="keep" if cfg.missing_caption == "none" else "drop"))
+            if not cfg.encoding.is_default:  # only then: shards built before encodings existed stay resumable
+                self._identity["encoding"] = cfg.encoding.to_json()
         return self._identity
 
     def _read_stats(self, k: int) -> dict[str, Any] | None:
@@ -520,7 +524,7 @@ class ShardBuilder:
                 w.close()
             stats = dict(
                 name=name, index=k, count=len(keys), bytes=w.pos, sha256=hf.sha.hexdigest(), offsets=w.offsets,
-                keys=keys, feature_dim=cfg.feature_dim,
+                keys=keys, feature_dim=cfg.feature_dim, encoding=cfg.encoding.to_json(),
                 num_classes=cls_widths.pop() if len(cls_widths) == 1 else None,
                 regions=dict(min=min(nboxes, default=0), max=max(nboxes, default=0), sum=sum(nboxes)),
                 dropped=dropped, build=self.identity(),
@@ -574,7 +578,7 @@ class ShardBuilder:
         m = Manifest(shards=shards, feature_dim=cfg.feature_dim, num_classes=widths.pop() if len(widths) == 1 else None,
                      caption_pool=CAPTION_POOL_NAME if (self.captions is not None or inline_pool) else None,
                      regions=dict(min=min(mins, default=0), max=max(maxs, default=0), mean=round(total_boxes / max(n, 1), 3)),
-                     build=build)
+                     build=build, encoding=cfg.encoding)
         if self.captions is None and inline_pool:
             self._write(storage.join(cfg.output, CAPTION_POOL_NAME), json.dumps(inline_pool, ensure_ascii=False).encode("utf-8"))
         self._write(storage.join(cfg.output, DROPPED_NAME), "".join(f"{d}\n" for d in dropped).encode("utf-8"))

@@ -82,12 +82,14 @@ def iter_feature_samples(url: str, storage_options: dict | None = None) -> Itera
             for _, member in iter_members(f, where):
                 k, ext = split_name(member.name)
                 if key is not None and k != key:
-                    yield decode(key, members, f"{where} key {key}", feature_dim=manifest.feature_dim)
+                    yield decode(key, members, f"{where} key {key}", feature_dim=manifest.feature_dim,
+                                 num_classes=manifest.num_classes)
                     members = {}
                 key = k
                 members[ext] = member.data
             if key is not None:
-                yield decode(key, members, f"{where} key {key}", feature_dim=manifest.feature_dim)
+                yield decode(key, members, f"{where} key {key}", feature_dim=manifest.feature_dim,
+                             num_classes=manifest.num_classes)
 
 
 def join_features(examples: Sequence[TaskExample], slots: dict[str, str], sources: dict[str, str],
