@@ -268,8 +268,15 @@ NOT_RUN: dict[str, str] = {
     "docs/PERFORMANCE.md": "the result files of a GPU session",
     "python bench/run.py --quick --gpu --skip-variants compile --only model_step vs_plain scaling --markdown --json "
     "/root/out/bench.json": "a GPU benchmark",
-    "python bench/train_runs.py --pretrain /tmp/gpu_session/runs/pretrain --markdown --json /root/out/runs.json":
-        "the runs of a GPU session",
+    "python bench/train_runs.py --pretrain /tmp/gpu_session/runs/pretrain --multitask /tmp/gpu_session/runs/multitask "
+    "--markdown --json /root/out/runs.json": "the runs of a GPU session",
+    "python bench/train_runs.py --multitask /tmp/gpu_session/runs/multitask_zero1_12in1 "
+    "/tmp/gpu_session/runs/multitask_zero2_12in1 --markdown --json /root/out/runs.json": "the runs of a GPU session",
+    "DS_ACCELERATOR=cuda python -m pytest tests/test_recipe.py -k 'reference and fused'":
+        "needs a GPU (on the CPU accelerator these tests run in the suite)",
+    "python bench/data_encodings.py --learning": "a measurement (minutes of training per encoding)",
+    "python bench/data_encodings.py --no-encodings --topk-from shards/cc/manifest.json":
+        "a user's float16 shard set (the sweep runs on synthetic data in bench/data_encodings.py)",
     "python bench/model_step.py --quick": "a benchmark",
     "python bench/vs_plain.py --quick": "a benchmark",
     "python bench/data_bench.py --quick": "a benchmark",

@@ -2,7 +2,8 @@
 
     vilbert-ds shards synth  --out DIR --format tsv --images 64
     vilbert-ds shards build  --format tsv --input DIR/features.tsv.0 --captions DIR/captions.json --output OUT
-    vilbert-ds shards build  ... --feature-encoding int8 --cls-prob-encoding topk:16   # compact: ~3x fewer bytes
+    vilbert-ds shards build  --format tsv --input DIR/features.tsv.0 --captions DIR/captions.json --output OUT8 \
+        --feature-encoding int8 --cls-prob-encoding topk:64   # compact: ~3x fewer bytes (README)
     vilbert-ds shards verify OUT/manifest.json
     vilbert-ds shards inspect OUT/manifest.json --index 0           # or --key KEY; local or s3://
     vilbert-ds shards manifest --format tsv --input ... --output OUT   # after a SLURM array built every slice
