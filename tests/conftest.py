@@ -44,15 +44,12 @@ def _no_process_group_leaks():
     """A test module that starts a process group in the pytest process (the in-process benches
     share one across their tests) must not hand it to later modules: a rank they fork would
     inherit it and refuse to start its own ("initialize the default process group twice").
-    Tear a leftover group (and DeepSpeed's cached backend) down after each module."""
+    Tear a leftover group (and DeepSpeed's cached backend and groups) down after each module."""
     yield
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-        try:
-            import deepspeed.comm.comm as ds_comm
+    from vilbert_ds.distributed.process_group import forget_deepspeed_groups
 
-            ds_comm.cdb = None
-        except ImportError:
-            pass
+    forget_deepspeed_groups()  # also after a test that destroyed its own group

@@ -342,3 +342,32 @@ def test_config_never_shows_credentials():
             DataConfig(train="x", shuffle_buffer=bad)
     with pytest.raises(ValueError, match="data.on_error"):
         DataConfig(train="x", on_error="ignore")
+
+
+def test_a_process_that_exits_with_its_loader_open_ends_its_workers(synthetic_shards, minilm_dir, tmp_path):
+    """A run that stops mid-epoch exits with a loader's persistent workers alive. Python's
+    multiprocessing ends daemonic workers with SIGTERM at exit and waits for them; workers that
+    ignored SIGTERM (they must, while the rank runs: a scheduler's SIGTERM reaches them too) kept
+    the process waiting forever. The exit must come, and every worker must be gone."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "from vilbert_ds.data.config import DataConfig\n"
+        "from vilbert_ds.data.cc_batches import build_pretrain_loader\n"
+        f"cfg = DataConfig(train={str(synthetic_shards.manifest)!r}, vocab={str(minilm_dir)!r}, num_workers=2,\n"
+        "                 max_regions=10, read_chunk_bytes='256KiB')\n"
+        "loader = build_pretrain_loader(cfg, rank=0, world_size=1, micro_batch_size=4, seed=0)\n"
+        "next(iter(loader))\n"
+        "pid = os.getpid()\n"
+        "print(open(f'/proc/{pid}/task/{pid}/children').read(), flush=True)  # the forked workers\n"
+    )
+    # a hang is what this test catches: the timeout only ends it
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    workers = [int(p) for p in out.stdout.split()]
+    assert len(workers) == 2, out.stdout  # the loader's two workers, alive when the process began to exit
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} outlived its process"

@@ -49,6 +49,7 @@ never change; every substitution is counted and reported at the end of the epoch
 """
 from __future__ import annotations
 
+import atexit
 import bisect
 import concurrent.futures as cf
 import hashlib
@@ -296,16 +297,37 @@ class EpochPlan:
         return j, seg.start + index - self.starts[j]
 
 
-def ignore_sigterm(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: the worker ignores SIGTERM.
+_PARENT_EXITING: torch.Tensor | None = None  # shared with forked workers: 1 once their parent is exiting
+
+
+def worker_sigterm_guard() -> Callable[[int], None]:
+    """The DataLoader `worker_init_fn` of every loader that forks workers: a worker ignores
+    SIGTERM until its parent process is exiting.
 
     A scheduler's SIGTERM (a time limit, a preemption without warning) reaches every process of
     a rank, its loader workers included. torch's worker handler ends a worker on a SIGTERM that
     does not come from its parent, and the rank then fails with "DataLoader worker ... killed by
     signal: Terminated" before it can save. The rank decides when to stop
     (`preemption.StopSignal`, at the next step boundary); its workers end with its loader (the
-    loader's done event, or their parent's exit)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    loader's done event). When the parent exits with a loader still open (a run that stops
+    mid-epoch), Python's multiprocessing ends the daemonic workers with SIGTERM and waits for
+    them: an exit hook registered here (it runs before multiprocessing's) marks the parent as
+    exiting, and a worker then ends on that SIGTERM. Ignoring it always made such a process wait
+    for its workers forever."""
+    global _PARENT_EXITING
+    if _PARENT_EXITING is None:
+        _PARENT_EXITING = torch.zeros(1, dtype=torch.int8).share_memory_()
+        atexit.register(_PARENT_EXITING.fill_, 1)
+    return _guard_sigterm
+
+
+def _guard_sigterm(worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _PARENT_EXITING is not None and int(_PARENT_EXITING[0]):
+        os._exit(0)  # the parent is exiting: nothing of this worker is needed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1062,7 +1084,7 @@ class StreamingLoader:
                                           batch_size=None, num_workers=self.num_workers,
                                           prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
                                           persistent_workers=True, multiprocessing_context="fork",
-                                          worker_init_fn=ignore_sigterm)
+                                          worker_init_fn=worker_sigterm_guard())
         self._control.write(self.epoch, blocks)
         return self._dataloader
 

@@ -238,6 +238,34 @@ def shutdown_distributed(timeout_s: float = 60.0) -> None:
             dist.barrier()
     finally:
         dist.destroy_process_group()
+        forget_deepspeed_groups()
+
+
+# DeepSpeed's module-level caches of groups split from the world (deepspeed.utils.groups)
+_DS_GROUP_CACHES = ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                    "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS",
+                    "_EXPERT_DATA_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP")
+
+
+def forget_deepspeed_groups() -> None:
+    """After the world group is destroyed, drop what DeepSpeed cached from it: its comm backend
+    (`deepspeed.comm.comm.cdb`) and the groups `deepspeed.utils.groups` split from the world.
+    Otherwise the next engine built in the same process (a second evaluation or Predictor in a
+    notebook, the next in-process test) broadcasts over a dead group ("Group ... is not
+    registered"). Imports nothing: a process that never loaded DeepSpeed has nothing to forget."""
+    import sys
+
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None:
+        comm.cdb = None
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        for name in _DS_GROUP_CACHES:
+            value = getattr(groups, name, None)
+            if isinstance(value, dict):
+                value.clear()
+            elif hasattr(groups, name):
+                setattr(groups, name, None)
 
 
 def _destroy_at_exit() -> None:

@@ -30,7 +30,7 @@ from ..data.cc_batches import read_options
 from ..data.config import DataConfig
 from ..data.manifest import Manifest, load_source
 from ..data.sample import Sample
-from ..data.stream import Source, StreamingLoader, StreamStats, ignore_sigterm, read_samples, sample_rng
+from ..data.stream import Source, StreamingLoader, StreamStats, read_samples, sample_rng, worker_sigterm_guard
 from .base import TaskBatch, TaskFamily
 
 
@@ -140,7 +140,7 @@ class EvalLoader:
     def __iter__(self) -> Iterator[TaskBatch]:
         if self.num_workers > 0 and len(self.batches) > 1:
             loader = DataLoader(_EvalDataset(self), batch_size=None, num_workers=min(self.num_workers, len(self.batches)),
-                                multiprocessing_context="fork", worker_init_fn=ignore_sigterm)
+                                multiprocessing_context="fork", worker_init_fn=worker_sigterm_guard())
             yield from loader
         else:
             for b in range(len(self.batches)):
