@@ -275,6 +275,8 @@ NOT_RUN: dict[str, str] = {
     "DS_ACCELERATOR=cuda python -m pytest tests/test_recipe.py -k 'reference and fused'":
         "needs a GPU (on the CPU accelerator these tests run in the suite)",
     "python bench/data_encodings.py --learning": "a measurement (minutes of training per encoding)",
+    "python -m vilbert_ds.tasks.synthetic_scenes --root DIR --tasks refcoco,visual7w,retrieval_coco,vcr_q_a --images 40 "
+    "--train-steps 400 --deepspeed ds_configs/zero2_12in1.json": "a learning check (minutes of training per task)",
     "python bench/data_encodings.py --no-encodings --topk-from shards/cc/manifest.json":
         "a user's float16 shard set (the sweep runs on synthetic data in bench/data_encodings.py)",
     "python bench/model_step.py --quick": "a benchmark",
