@@ -6,8 +6,8 @@ warning (SIGTERM), saves, requeues itself and resumes; it finishes with every st
 sample once per epoch. (One job for all three stories: each SLURM run costs a full start-up.)
 
 Event-driven: each signal or crash comes once the run logged the step the test waits for, and
-every assertion holds whatever step it lands on (the job is 2 epochs long, so a signal cannot
-arrive after its end on a fast machine); time limits only end a test that would otherwise hang."""
+every assertion holds whatever step it lands on (the job is 10 epochs long, so a signal cannot
+arrive after its end on a fast machine; see TOTAL); time limits only end a test that would otherwise hang."""
 from __future__ import annotations
 
 import json
@@ -23,7 +23,9 @@ from vilbert_ds.trainer import read_sample_log
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]  # hard bound per test
 
 REPO = Path(__file__).resolve().parents[1]
-TOTAL = 48  # steps of the pretraining job: 2 epochs of 24 (192 samples, 2 ranks x micro 4), checkpoints every 8
+# steps of the pretraining job: 10 epochs of 24 (192 samples, 2 ranks x micro 4), checkpoints every 8. A quiet
+# machine runs ~12 steps/s: with 2 epochs a run could finish between a logged step and the signal sent after it.
+TOTAL = 240
 
 
 def _job_env(inputs) -> dict[str, str]:
