@@ -50,54 +50,51 @@ def _model(cfg: dict[str, Any]) -> str:
     return C.SHORT_NAMES.get(cfg["model"]["config"], cfg["model"]["config"])
 
 
-def pretrain_row(run_dir: str | Path) -> dict[str, Any]:
+def _steady_figures(run_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(metrics rows, config, DeepSpeed config, figures) of a run: the columns every kind of run
+    shares, as the one Trainer logs them (medians over the logged windows after the first)."""
     rows, cfg, ds = read_run(run_dir)
     steady = _steady(rows, "perf/samples_per_s")
     if not steady:
         raise ValueError(f"{run_dir}: no perf/samples_per_s rows in metrics.jsonl")
 
-    def med(key: str) -> float | None:
+    def med(key: str, scale: float = 1.0) -> float | None:
         values = [r[key] for r in steady if key in r]
-        return C.median(values) if values else None
+        return scale * C.median(values) if values else None
 
+    figures = {"run": Path(run_dir).name, "config": _model(cfg), "precision": _precision(ds),
+               "ZeRO": ds.get("zero_optimization", {}).get("stage", 0), "last step": max(r["step"] for r in steady),
+               "samples/s": med("perf/samples_per_s"), "tokens/s": med("perf/tokens_per_s"),
+               "step ms": med("perf/step_s", 1e3), "TFLOP/s": med("perf/tflops"), "MFU": med("perf/mfu"),
+               "data wait %": med("perf/data_wait_frac", 100.0),
+               "peak GiB": max(r.get("mem/peak_gib_per_rank", 0.0) for r in steady)}
+    return rows, cfg, ds, figures
+
+
+def _columns(figures: dict[str, Any], columns: list[str], renamed: dict[str, str], **extra: Any) -> dict[str, Any]:
+    """One table row: `figures` under the table's column names (`renamed`: column -> figure)."""
+    values = {**figures, **extra}
+    return {c: values[renamed.get(c, c)] for c in columns}
+
+
+def pretrain_row(run_dir: str | Path) -> dict[str, Any]:
+    rows, cfg, ds, figures = _steady_figures(run_dir)
     saves = [r["ckpt/save_s"] for r in rows if "ckpt/save_s" in r]
-    mfu = med("perf/mfu")
-    return {"run": Path(run_dir).name, "config": _model(cfg), "precision": _precision(ds),
-            "ZeRO": ds.get("zero_optimization", {}).get("stage", 0),
-            "micro-batch": ds["train_micro_batch_size_per_gpu"], "workers": cfg["data"]["num_workers"],
-            "steps": max(r["step"] for r in steady), "samples/s": med("perf/samples_per_s"),
-            "tokens/s": med("perf/tokens_per_s"), "step ms": 1e3 * med("perf/step_s"),
-            "TFLOP/s": med("perf/tflops"), "MFU": mfu,
-            "data wait %": 100 * med("perf/data_wait_frac"),
-            "peak GiB": max(r.get("mem/peak_gib_per_rank", 0.0) for r in steady),
-            "ckpt save s": saves[-1] if saves else None}
+    return _columns(figures, PRETRAIN_COLUMNS, {"steps": "last step"},
+                    **{"micro-batch": ds["train_micro_batch_size_per_gpu"], "workers": cfg["data"]["num_workers"],
+                       "ckpt save s": saves[-1] if saves else None})
 
 
 def multitask_row(run_dir: str | Path) -> dict[str, Any]:
     """One Trainer logs every kind of run alike (issue 10): samples/s, tokens/s, iteration time,
     TFLOP/s, MFU, data wait and peak memory per logged window, over every task's batches."""
-    rows, cfg, ds = read_run(run_dir)
-    steady = _steady(rows, "perf/samples_per_s")
-    if not steady:
-        raise ValueError(f"{run_dir}: no perf/samples_per_s rows in metrics.jsonl")
-
-    def med(key: str) -> float | None:
-        values = [r[key] for r in steady if key in r]
-        return C.median(values) if values else None
-
+    rows, cfg, ds, figures = _steady_figures(run_dir)
     tasks = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("train/") and k.endswith("/loss")})
     batches = cfg["tasks"]["batch_size"]
     batch = sum(int(batches[t]) for t in tasks) / len(tasks) if tasks and all(t in batches for t in tasks) else None
-    step_s = med("perf/step_s")
-    wait = med("perf/data_wait_frac")
-    return {"run": Path(run_dir).name, "config": _model(cfg), "precision": _precision(ds),
-            "ZeRO": ds.get("zero_optimization", {}).get("stage", 0), "tasks": ",".join(tasks),
-            "batch per task": batch, "workers per task": cfg["data"]["num_workers"],
-            "iterations": max(r["step"] for r in steady), "samples/s": med("perf/samples_per_s"),
-            "tokens/s": med("perf/tokens_per_s"), "iteration ms": 1e3 * step_s if step_s else None,
-            "TFLOP/s": med("perf/tflops"), "MFU": med("perf/mfu"),
-            "data wait %": 100 * wait if wait is not None else None,
-            "peak GiB": max(r.get("mem/peak_gib_per_rank", 0.0) for r in steady)}
+    return _columns(figures, MULTITASK_COLUMNS, {"iterations": "last step", "iteration ms": "step ms"},
+                    **{"tasks": ",".join(tasks), "batch per task": batch,
+                       "workers per task": cfg["data"]["num_workers"]})
 
 
 def run(pretrain: list[str] = (), multitask: list[str] = ()) -> list[C.Table]:
