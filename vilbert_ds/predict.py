@@ -180,7 +180,11 @@ def _npz_records(path: str, sel: str | None, feature_dim: int) -> list[FeatureRe
     if sel is not None and os.path.isdir(path):
         named = os.path.join(path, f"{sel}.npz")
         files = [named] if os.path.isfile(named) else files
-    out = []
+    return _select(_npz_file_records(files, feature_dim), sel, f"{path}: no .npz with image id")
+
+
+def _npz_file_records(files: list[str], feature_dim: int) -> Iterator[FeatureRecord]:
+    """One record per .npz file, read when asked for (a selection stops at its image)."""
     for file in files:
         width = feature_dim  # the file's own width, so that a wrong one is named (not reshaped)
         try:
@@ -189,14 +193,7 @@ def _npz_records(path: str, sel: str | None, feature_dim: int) -> list[FeatureRe
                 width = int(arrays[0].shape[1]) if arrays and arrays[0].ndim == 2 else feature_dim
         except (OSError, ValueError):
             pass  # the reader names what is wrong with the file
-        record = next(_records(NpzDirInput([file], feature_dim=width), [file]))
-        if sel is None or record.image_id == sel:
-            out.append(record)
-            if sel is not None:
-                break
-    if sel is not None and not out:
-        raise PredictError(f"{path}: no .npz with image id {sel!r}")
-    return out
+        yield next(_records(NpzDirInput([file], feature_dim=width), [file]))
 
 
 def _lmdb_records(path: str, kind: str, sel: str | None, feature_dim: int, trust_pickle: bool) -> list[FeatureRecord]:
@@ -207,15 +204,18 @@ def _lmdb_records(path: str, kind: str, sel: str | None, feature_dim: int, trust
         by_key = [h for h in handles if h[1] == sel.encode()]
         if by_key:  # an LMDB key (the downstream LMDBs key their records by image id)
             return list(_records(reader, by_key))
-    out = []
-    for record in _records(reader, handles):
-        if sel is None or record.image_id == sel:
-            out.append(record)
-            if sel is not None:
-                break
-    if sel is not None and not out:
-        raise PredictError(f"{path}: no key or image id {sel!r}")
-    return out
+    return _select(_records(reader, handles), sel, f"{path}: no key or image id")
+
+
+def _select(records: Iterator[FeatureRecord], sel: str | None, missing: str) -> list[FeatureRecord]:
+    """Every record (`sel` None), or the first with image id `sel` (reading stops there);
+    `missing` starts the error when no record has it."""
+    if sel is None:
+        return list(records)
+    for record in records:
+        if record.image_id == sel:
+            return [record]
+    raise PredictError(f"{missing} {sel!r}")
 
 
 def _shard_samples(url: str, sel: str | None, feature_dim: int, slot: str) -> list[Sample]:
